@@ -1,0 +1,188 @@
+"""argv + environment + config.py -> Settings, validated once, before any network call."""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# template variable -> required?  (the csr_* fields are optional: a record without them sends "")
+TEMPLATE_FIELDS = {
+    "id": True,
+    "atd_activity_id": True,
+    "emi_id": True,
+    "sr_number": True,
+    "issue_status_code_snapshot": True,
+    "esb_status": True,
+    "activity_datetime": True,
+    "activity_details": True,
+    "activity_name": True,
+    "csr_activity_id": False,
+    "csr_activity_code": False,
+}
+
+DEFAULT_MAX_RUNTIME = 240.0  # seconds: finish inside a 5-minute scheduler timeout
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    name: str
+    obj: str
+    view: str
+    fields: dict[str, str]
+    activity_codes: dict[str, str | None]
+    timezone: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    app: AppConfig
+    knack_app_id: str
+    knack_api_key: str = field(repr=False)
+    knack_api_url: str
+    knack_max_rps: float
+    esb_endpoint: str
+    esb_cert: Path
+    esb_key: Path
+    esb_verify: bool | str  # True (system store), a CA bundle path, or False on explicit request
+    esb_timeout: float
+    state_dir: Path
+    dry_run: bool = False
+    max_runtime: float = DEFAULT_MAX_RUNTIME
+
+
+def load_app(name: str, config: dict) -> AppConfig:
+    if not isinstance(config, dict) or not config:
+        raise ConfigError("config.py: CONFIG must be a non-empty dict of app name -> settings")
+    if name not in config:
+        raise ConfigError(f"unknown app {name!r}; known apps: {', '.join(sorted(config))}")
+    entry = config[name]
+    where = f"config.py {name!r}"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: entry must be a dict")
+    unknown = set(entry) - {"obj", "view", "fields", "activity_codes", "timezone"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    obj, view = entry.get("obj"), entry.get("view")
+    if not isinstance(obj, str) or not re.fullmatch(r"object_\d+", obj):
+        raise ConfigError(f"{where}: 'obj' must be a Knack object key such as 'object_75', not {obj!r}")
+    if not isinstance(view, str) or not re.fullmatch(r"view_\d+", view):
+        raise ConfigError(f"{where}: 'view' must be a Knack view key such as 'view_1653', not {view!r}")
+    fields = entry.get("fields")
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{where}: 'fields' must be a dict of template variable -> Knack field key")
+    for variable, required in TEMPLATE_FIELDS.items():
+        if required and variable not in fields:
+            raise ConfigError(f"{where}: 'fields' lacks {variable!r}")
+    for variable, key in fields.items():
+        if variable not in TEMPLATE_FIELDS:
+            raise ConfigError(f"{where}: 'fields' has unknown template variable {variable!r}")
+        expected = r"id" if variable == "id" else r"field_\d+"
+        if not isinstance(key, str) or not re.fullmatch(expected, key):
+            raise ConfigError(f"{where}: fields[{variable!r}] must be {'id' if variable == 'id' else 'a key such as field_1051'}, not {key!r}")
+    codes = entry.get("activity_codes", {})
+    if not isinstance(codes, dict) or not all(
+            isinstance(k, str) and (v is None or (isinstance(v, str) and v.strip())) for k, v in codes.items()):
+        raise ConfigError(f"{where}: 'activity_codes' must map activity names to a 311 code or None")
+    timezone = entry.get("timezone")
+    if timezone is not None:
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError, TypeError):
+            raise ConfigError(f"{where}: 'timezone' {timezone!r} is not an IANA name such as 'America/Chicago'") from None
+    return AppConfig(name=name, obj=obj, view=view, fields=dict(fields), activity_codes=dict(codes), timezone=timezone)
+
+
+def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: bool = False,
+                  max_runtime: float = DEFAULT_MAX_RUNTIME) -> Settings:
+    app = load_app(app_name, config)
+
+    missing = [name for name in ("KNACK_APP_ID", "KNACK_API_KEY", "ESB_ENDPOINT") if not env.get(name, "").strip()]
+    if missing:
+        raise ConfigError(f"missing environment variable(s): {', '.join(missing)}")
+
+    knack_api_url = env.get("KNACK_API_URL", "").strip() or "https://api.knack.com/v1"
+    if urlparse(knack_api_url).scheme not in ("http", "https") or not urlparse(knack_api_url).netloc:
+        raise ConfigError(f"KNACK_API_URL must be an http(s) URL, not {knack_api_url!r}")
+    esb_endpoint = env["ESB_ENDPOINT"].strip()
+    parsed = urlparse(esb_endpoint)
+    if parsed.scheme != "https" or not parsed.netloc:
+        raise ConfigError("ESB_ENDPOINT must be an https:// URL (messages go over mutual TLS)")
+
+    esb_timeout = _positive_number(env, "ESB_TIMEOUT", 30.0)
+    knack_max_rps = _positive_number(env, "KNACK_MAX_RPS", 8.0)
+
+    verify_flag = env.get("ESB_VERIFY_TLS", "").strip().lower()
+    if verify_flag not in ("", "true", "1", "yes", "false", "0", "no"):
+        raise ConfigError(f"ESB_VERIFY_TLS must be true or false, not {verify_flag!r}")
+    esb_verify: bool | str = True
+    ca_bundle = env.get("ESB_CA_BUNDLE", "").strip()
+    if verify_flag in ("false", "0", "no"):
+        esb_verify = False
+    elif ca_bundle:
+        _readable(Path(ca_bundle), "ESB_CA_BUNDLE")
+        try:
+            ssl.create_default_context(cafile=ca_bundle)
+        except (ssl.SSLError, ValueError):
+            raise ConfigError(f"ESB_CA_BUNDLE {ca_bundle} holds no usable CA certificate") from None
+        esb_verify = ca_bundle
+
+    esb_cert = _path(env, "ESB_CERT", "esb.cert")
+    esb_key = _path(env, "ESB_KEY", "esb.pem")
+    if not dry_run:  # a dry run sends nothing, so it can be tried without the certificates
+        _readable(esb_cert, "ESB_CERT (client certificate)")
+        _readable(esb_key, "ESB_KEY (client key)")
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(str(esb_cert), str(esb_key))
+        except (ssl.SSLError, ValueError):
+            # never echo the files' content: only say which pair is unusable
+            raise ConfigError(f"ESB_CERT {esb_cert} and ESB_KEY {esb_key} are not a matching PEM certificate and "
+                              "unencrypted private key") from None
+
+    state_dir = _path(env, "STATE_DIR", "state")
+    if max_runtime <= 0:
+        raise ConfigError("--max-runtime must be a positive number of seconds")
+
+    return Settings(
+        app=app, knack_app_id=env["KNACK_APP_ID"].strip(), knack_api_key=env["KNACK_API_KEY"].strip(),
+        knack_api_url=knack_api_url, knack_max_rps=knack_max_rps, esb_endpoint=esb_endpoint,
+        esb_cert=esb_cert, esb_key=esb_key, esb_verify=esb_verify, esb_timeout=esb_timeout,
+        state_dir=state_dir, dry_run=dry_run, max_runtime=max_runtime,
+    )
+
+
+def _path(env: dict[str, str], name: str, default: str) -> Path:
+    """A path from the environment (as given), or the default in the project root, whatever the working directory."""
+    value = env.get(name, "").strip()
+    return Path(value).expanduser().absolute() if value else PROJECT_ROOT / default
+
+
+def _readable(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise ConfigError(f"{what}: {path} does not exist or is not a file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what}: {path} cannot be read ({exc.strerror})") from None
+
+
+def _positive_number(env: dict[str, str], name: str, default: float) -> float:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {text!r}") from None
+    if not value > 0:
+        raise ConfigError(f"{name} must be positive, not {text!r}")
+    return value

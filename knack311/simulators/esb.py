@@ -1,0 +1,356 @@
+"""A loopback stand-in for the city's Enterprise Service Bus (ESB).
+
+It speaks HTTPS, demands a client certificate signed by the ESB's CA, accepts SOAP 1.1
+submitKnack messages and records everything it received, so tests can assert on what
+the ESB actually got. Faults, error statuses, dropped connections and slow answers can
+be injected to exercise the program's retry and error handling.
+"""
+
+from __future__ import annotations
+
+import collections
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from lxml import etree
+
+SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
+ACC_NS = "http://www.austintexas.gov/AcceptKnack/"
+
+# A client that connects and then stalls must not hold a server thread for long.
+HANDSHAKE_TIMEOUT = 5.0
+IDLE_TIMEOUT = 10.0
+
+# Fields of the submitKnack message, by their path below acc:submitKnack.
+_FIELDS = {
+    "emi": "header/emi",
+    "timestamp": "header/timestamp",
+    "id": "data/csr/id",
+    "csr_activity_id": "data/csr/csr_activity_id",
+    "sr_number": "data/csr/sr_number",
+    "issue_status_code": "data/csr/issue_status_code",
+    "activity_type_code": "data/csr/activity_type_code",
+    "activity_details": "data/csr/activity_details",
+    "outcome_code": "data/csr/outcome_code",
+    "activity_date": "data/csr/activity_date",
+}
+
+
+def _parser() -> etree.XMLParser:
+    # Never expand entities or fetch anything: the body comes from the network.
+    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+
+
+def _submit_knack(root: etree._Element) -> etree._Element | None:
+    if root.tag != f"{{{SOAP_NS}}}Envelope":
+        return None
+    return root.find(f"{{{SOAP_NS}}}Body/{{{ACC_NS}}}submitKnack")
+
+
+def parse_message(body: bytes) -> dict:
+    """The values of a submitKnack message, for tests to inspect what the ESB received.
+
+    Missing elements give "". "elements" lists the local name of every element in
+    document order, so a test can check the message's shape. Raises ValueError if the
+    body is not XML at all.
+    """
+    try:
+        root = etree.fromstring(body, _parser())
+    except etree.XMLSyntaxError as exc:
+        raise ValueError(f"not an XML message: {exc}") from exc
+    submit = _submit_knack(root)
+    values = {}
+    for name, path in _FIELDS.items():
+        element = submit.find(path) if submit is not None else None
+        values[name] = (element.text or "") if element is not None else ""
+    values["elements"] = [etree.QName(e).localname for e in root.iter() if isinstance(e.tag, str)]
+    return values
+
+
+def _envelope(content: etree._Element) -> bytes:
+    envelope = etree.Element(f"{{{SOAP_NS}}}Envelope", nsmap={"soapenv": SOAP_NS, "acc": ACC_NS})
+    etree.SubElement(envelope, f"{{{SOAP_NS}}}Body").append(content)
+    return etree.tostring(envelope, xml_declaration=True, encoding="UTF-8")
+
+
+def fault_body(faultcode: str, faultstring: str) -> bytes:
+    """A SOAP 1.1 Fault; faultcode and faultstring are un-namespaced, as SOAP 1.1 requires."""
+    fault = etree.Element(f"{{{SOAP_NS}}}Fault")
+    etree.SubElement(fault, "faultcode").text = faultcode
+    etree.SubElement(fault, "faultstring").text = faultstring
+    return _envelope(fault)
+
+
+def success_body() -> bytes:
+    response = etree.Element(f"{{{ACC_NS}}}submitKnackResponse")
+    etree.SubElement(response, "status").text = "SUCCESS"
+    return _envelope(response)
+
+
+@dataclass
+class Received:
+    body: bytes
+    headers: dict
+    status: int  # what the simulator answered; 0 if it dropped the connection
+    client_subject: str  # CN of the client certificate, "" if none
+    record_id: str  # data/csr/id of the message, "" if unparseable
+    emi: str  # header/emi of the message
+
+
+@dataclass(frozen=True)
+class _Injected:
+    status: int | None
+    fault: str | None
+    delay: float
+    drop: bool
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int  # 0: drop the connection
+    body: bytes = b""
+    content_type: str = "text/plain"
+
+    accepted: bool = False  # only a genuine SUCCESS answer counts, never an injected one
+
+
+class _Handler(BaseHTTPRequestHandler):
+    # HTTP/1.1 so the program's connection pooling is exercised as against the real ESB.
+    protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT
+    server: _TLSServer
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        self.server.simulator._handle(self, body)
+
+    def do_GET(self) -> None:
+        self.send_answer(_Answer(404, b"not found\n"))
+
+    def send_answer(self, answer: _Answer) -> None:
+        if answer.status == 0:
+            # Answer nothing; the server closes the socket once the handler returns.
+            self.close_connection = True
+            return
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.content_type)
+        self.send_header("Content-Length", str(len(answer.body)))
+        self.end_headers()
+        self.wfile.write(answer.body)
+
+    def client_subject(self) -> str:
+        cert = self.connection.getpeercert() or {}
+        for rdn in cert.get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    return value
+        return ""
+
+    def log_message(self, format, *args) -> None:
+        pass  # tests assert on what was received, not on an access log
+
+
+class _TLSServer(ThreadingHTTPServer):
+    daemon_threads = True  # a handler sleeping on an injected delay must not block stop()
+
+    def __init__(self, address, context: ssl.SSLContext, simulator: ESBSimulator):
+        self.context = context
+        self.simulator = simulator
+        super().__init__(address, _Handler)
+
+    def get_request(self):
+        # Wrap without handshaking: the accept loop runs in one thread, and a client that
+        # stalls or fails the handshake there would block every other client.
+        sock, address = self.socket.accept()
+        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+
+    def finish_request(self, request, client_address) -> None:
+        # Runs in the per-connection thread.
+        request.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            request.do_handshake()
+        except (ssl.SSLError, OSError):
+            # No client certificate, one the ESB's CA did not sign, or a client that does
+            # not trust us: refuse quietly, as the real ESB does, and keep serving.
+            self.simulator._count_handshake_failure()
+            return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # e.g. a client that timed out and left; never print a traceback
+
+
+class ESBSimulator:
+    """HTTPS ESB on loopback. Bound at construction, so `url` is known before start()."""
+
+    def __init__(
+        self,
+        *,
+        server_cert: Path,
+        server_key: Path,
+        client_ca_bundle: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        path: str = "/submitKnack",
+    ):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_cert_chain(server_cert, server_key)
+        context.load_verify_locations(client_ca_bundle)
+
+        self.path = path
+        self.latency: float = 0.0  # seconds to wait before every answer
+        self.handshake_failures = 0  # TLS handshakes the server refused or that broke off
+        self._lock = threading.Lock()
+        self._received: list[Received] = []
+        self._accepted: list[Received] = []
+        self._injected: collections.deque[_Injected] = collections.deque()
+        self._server = _TLSServer((host, port), context, self)
+        self._thread: threading.Thread | None = None
+        bound_host, bound_port = self._server.server_address[:2]
+        self.url = f"https://{bound_host}:{bound_port}{path}"
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> ESBSimulator:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.server_close()
+
+    def __enter__(self) -> ESBSimulator:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # -- what arrived ------------------------------------------------------------
+
+    @property
+    def received(self) -> list[Received]:
+        """Every request that reached the HTTP layer, in order (a snapshot)."""
+        with self._lock:
+            return list(self._received)
+
+    @property
+    def accepted(self) -> list[Received]:
+        """The requests the ESB accepted: answered 200 with a SUCCESS response (a snapshot)."""
+        with self._lock:
+            return list(self._accepted)
+
+    def copies(self) -> collections.Counter:
+        """record_id -> number of accepted copies; any count above 1 is a duplicate."""
+        return collections.Counter(r.record_id for r in self.accepted)
+
+    # -- misbehaving on purpose --------------------------------------------------
+
+    def inject(
+        self,
+        *,
+        status: int | None = None,
+        fault: str | None = None,
+        count: int = 1,
+        delay: float = 0.0,
+        drop: bool = False,
+    ) -> None:
+        """Make the next `count` POSTs to the ESB path misbehave (queued after earlier ones).
+
+        delay: wait that long first. drop: close the connection without answering.
+        fault: answer a SOAP Fault (faultcode soapenv:Server) with HTTP `status`, 500 by
+        default as SOAP 1.1 servers do. status alone: answer that status with a short body.
+        With only a delay, the message is then handled normally.
+        """
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        with self._lock:
+            self._injected.extend([_Injected(status, fault, delay, drop)] * count)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._injected.clear()
+
+    # -- request handling (server threads) ---------------------------------------
+
+    def _count_handshake_failure(self) -> None:
+        with self._lock:
+            self.handshake_failures += 1
+
+    def _handle(self, handler: _Handler, body: bytes) -> None:
+        if handler.path != self.path:
+            handler.send_answer(_Answer(404, b"not found\n"))
+            return
+        with self._lock:
+            injected = self._injected.popleft() if self._injected else None
+
+        answer = self._answer(handler, body, injected)
+        try:
+            values = parse_message(body)
+            record_id, emi = values["id"], values["emi"]
+        except ValueError:
+            record_id = emi = ""
+        # Recorded before the delay: the ESB has taken the message in, only the answer is
+        # slow. So a client that gives up waiting still finds its message in `accepted`,
+        # just as a real timeout can leave a message delivered but unacknowledged.
+        received = Received(
+            body=body,
+            headers=dict(handler.headers),
+            status=answer.status,
+            client_subject=handler.client_subject(),
+            record_id=record_id,
+            emi=emi,
+        )
+        with self._lock:
+            self._received.append(received)
+            if answer.accepted:
+                self._accepted.append(received)
+        time.sleep(self.latency + (injected.delay if injected else 0.0))
+        handler.send_answer(answer)
+
+    def _answer(self, handler: _Handler, body: bytes, injected: _Injected | None) -> _Answer:
+        if injected is not None:
+            if injected.drop:
+                return _Answer(0)
+            if injected.fault is not None:
+                return _Answer(
+                    injected.status or 500,
+                    fault_body("soapenv:Server", injected.fault),
+                    "text/xml; charset=utf-8",
+                )
+            if injected.status is not None:
+                return _Answer(injected.status, f"injected status {injected.status}\n".encode())
+
+        media_type = (handler.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if media_type != "text/xml":
+            return _Answer(415, b"Content-Type must be text/xml\n")
+        problem = self._problem(body)
+        if problem:
+            return _Answer(500, fault_body("soapenv:Client", problem), "text/xml; charset=utf-8")
+        return _Answer(200, success_body(), "text/xml; charset=utf-8", accepted=True)
+
+    @staticmethod
+    def _problem(body: bytes) -> str | None:
+        """Why the ESB would reject this message, or None if it accepts it."""
+        if not body.isascii():
+            # The real ESB mangles anything beyond ASCII; text must arrive as character
+            # references (&#233;), so raw UTF-8 bytes are a bug in the sender.
+            return "message contains non-ASCII bytes"
+        try:
+            root = etree.fromstring(body, _parser())
+        except etree.XMLSyntaxError as exc:
+            return f"message is not well-formed XML: {exc}"
+        if _submit_knack(root) is None:
+            return "expected soapenv:Envelope/soapenv:Body/acc:submitKnack"
+        return None

@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""Send Knack 311 activity records to the city's Enterprise Service Bus (ESB).
+
+    python send_esb_message.py APP_NAME [--dry-run] [--max-runtime SECONDS]
+
+Exit codes: 0 all done (or deferred by the time budget), 1 a record failed or the run stopped early,
+2 usage or configuration error, 75 another run for the app is active. See README.md.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # runnable from any working directory
+
+from knack311.errors import ConfigError  # noqa: E402
+from knack311.run import EXIT_CONFIG, run  # noqa: E402
+from knack311.settings import DEFAULT_MAX_RUNTIME, load_settings  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Send Knack 311 activity records to the ESB.")
+    parser.add_argument("app_name", metavar="APP_NAME", help="a Knack app configured in config.py")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="fetch and render, print each message; send nothing and change nothing in Knack")
+    parser.add_argument("--max-runtime", type=float, default=DEFAULT_MAX_RUNTIME, metavar="SECONDS",
+                        help=f"start no new record after this many seconds (default {DEFAULT_MAX_RUNTIME:g})")
+    args = parser.parse_args(argv)
+    try:
+        try:
+            from config import CONFIG
+        except Exception as exc:  # a broken config.py is a configuration error, not a crash
+            raise ConfigError(f"config.py cannot be loaded: {type(exc).__name__}: {exc}") from None
+        settings = load_settings(args.app_name, dict(os.environ), CONFIG, dry_run=args.dry_run,
+                                 max_runtime=args.max_runtime)
+        return run(settings)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The ESB simulator over real HTTPS with mutual TLS, using certificates made at test time."""
+
+from __future__ import annotations
+
+import socket
+import stat
+import time
+
+import pytest
+import requests
+from lxml import etree
+
+from knack311.simulators.certs import PKIFiles, make_pki
+from knack311.simulators.esb import ACC_NS, SOAP_NS, ESBSimulator, parse_message
+
+TIMEOUT = 5  # seconds; every request in these tests has an explicit timeout
+
+
+def message(record_id: str = "rec1", details: str = "Crew fixed the light &#233;") -> bytes:
+    return (
+        f'<soapenv:Envelope xmlns:soapenv="{SOAP_NS}" xmlns:acc="{ACC_NS}"><soapenv:Header/>'
+        "<soapenv:Body><acc:submitKnack><header><emi>EMI-42</emi><timestamp>2024-05-01T10:00:00</timestamp>"
+        "<source>KNACK</source><target>CSR</target><data_type>CSR</data_type><event>UPDATE</event></header>"
+        f"<data><csr><id>{record_id}</id><csr_activity_id/><sr_number>24-00012345</sr_number>"
+        "<issue_status_code>CLOSED</issue_status_code><activity_type_code>SIGNALS</activity_type_code>"
+        f"<activity_details>{details}</activity_details><outcome_code>COMPLET1</outcome_code>"
+        "<activity_date>2024-05-01T09:30:00</activity_date></csr></data></acc:submitKnack>"
+        "</soapenv:Body></soapenv:Envelope>"
+    ).encode("utf-8")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> PKIFiles:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def esb(pki):
+    with ESBSimulator(
+        server_cert=pki.server_cert, server_key=pki.server_key, client_ca_bundle=pki.client_ca_bundle
+    ) as simulator:
+        yield simulator
+
+
+def post(url, pki, body=None, *, cert="ours", verify=None, timeout=TIMEOUT, content_type="text/xml"):
+    certs = {
+        "ours": (str(pki.client_cert), str(pki.client_key)),
+        "rogue": (str(pki.rogue_client_cert), str(pki.rogue_client_key)),
+        None: None,
+    }
+    return requests.post(
+        url,
+        data=message() if body is None else body,
+        headers={"Content-Type": content_type},
+        cert=certs[cert],
+        verify=str(verify or pki.ca_bundle),
+        timeout=timeout,
+    )
+
+
+def eventually(condition, timeout=2.0) -> bool:
+    """For server-side bookkeeping that may land just after the client saw the outcome."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def fault_of(response) -> tuple[str, str]:
+    root = etree.fromstring(response.content)
+    fault = root.find(f"{{{SOAP_NS}}}Body/{{{SOAP_NS}}}Fault")
+    assert fault is not None, response.content
+    return fault.findtext("faultcode"), fault.findtext("faultstring")
+
+
+# -- certificates -----------------------------------------------------------------
+
+
+def test_make_pki_writes_pem_files_with_private_keys(tmp_path):
+    files = make_pki(tmp_path / "new")
+    for path in vars(files).values():
+        assert path.read_bytes().startswith(b"-----BEGIN ")
+    for key in (files.server_key, files.client_key, files.rogue_server_key, files.rogue_client_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert b"PRIVATE KEY" in key.read_bytes()
+    assert files.ca_bundle.read_bytes() != files.rogue_ca_bundle.read_bytes()
+
+
+# -- the happy path ---------------------------------------------------------------
+
+
+def test_accepts_a_message_from_a_trusted_client(esb, pki):
+    response = post(esb.url, pki)
+
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/xml")
+    root = etree.fromstring(response.content)
+    status = root.find(f"{{{SOAP_NS}}}Body/{{{ACC_NS}}}submitKnackResponse/status")
+    assert status is not None and status.text == "SUCCESS"
+
+    [received] = esb.accepted
+    assert received.record_id == "rec1"
+    assert received.emi == "EMI-42"
+    assert received.status == 200
+    assert received.client_subject == "knack-311-client"
+    assert received.body == message()
+    assert esb.received == [received]
+
+
+def test_url_is_loopback_https_on_the_configured_path(esb):
+    assert esb.url.startswith("https://127.0.0.1:")
+    assert esb.url.endswith("/submitKnack")
+
+
+def test_parse_message_reads_every_field(esb, pki):
+    post(esb.url, pki)
+    values = parse_message(esb.accepted[0].body)
+
+    assert values["id"] == "rec1"
+    assert values["sr_number"] == "24-00012345"
+    assert values["activity_details"] == "Crew fixed the light \u00e9"  # reference resolved to text
+    assert values["csr_activity_id"] == ""
+    assert values["outcome_code"] == "COMPLET1"
+    assert values["elements"][:4] == ["Envelope", "Header", "Body", "submitKnack"]
+    assert values["elements"][-1] == "activity_date"
+
+
+def test_parse_message_gives_empty_strings_for_missing_elements():
+    values = parse_message(f'<soapenv:Envelope xmlns:soapenv="{SOAP_NS}"/>'.encode())
+    assert values["id"] == "" and values["emi"] == ""
+    assert values["elements"] == ["Envelope"]
+    with pytest.raises(ValueError):
+        parse_message(b"not xml")
+
+
+def test_copies_counts_accepted_duplicates(esb, pki):
+    for record_id in ("a", "b", "a"):
+        assert post(esb.url, pki, message(record_id)).status_code == 200
+    esb.inject(status=503)
+    assert post(esb.url, pki, message("c")).status_code == 503
+
+    assert esb.copies() == {"a": 2, "b": 1}
+    assert [r.record_id for r in esb.received] == ["a", "b", "a", "c"]
+
+
+# -- TLS: both sides must prove who they are --------------------------------------
+
+
+def test_client_without_certificate_is_refused_and_server_keeps_serving(esb, pki):
+    with pytest.raises(requests.exceptions.ConnectionError):  # SSLError is a ConnectionError
+        post(esb.url, pki, cert=None)
+
+    assert esb.received == []
+    assert eventually(lambda: esb.handshake_failures == 1)
+    assert post(esb.url, pki).status_code == 200
+
+
+def test_client_with_rogue_certificate_is_refused(esb, pki):
+    with pytest.raises(requests.exceptions.ConnectionError):
+        post(esb.url, pki, cert="rogue")
+
+    assert esb.received == []
+    assert post(esb.url, pki).status_code == 200
+
+
+def test_client_verifying_with_another_ca_rejects_the_server(esb, pki):
+    with pytest.raises(requests.exceptions.SSLError):
+        post(esb.url, pki, verify=pki.rogue_ca_bundle)
+    assert esb.received == []
+
+
+def test_server_with_rogue_certificate_is_rejected_by_the_client(pki):
+    with ESBSimulator(
+        server_cert=pki.rogue_server_cert,
+        server_key=pki.rogue_server_key,
+        client_ca_bundle=pki.client_ca_bundle,
+    ) as impostor:
+        with pytest.raises(requests.exceptions.SSLError):
+            post(impostor.url, pki)
+        assert impostor.received == []
+
+
+def test_stalled_handshake_does_not_block_other_clients(esb, pki):
+    # A client that opens TCP and never speaks TLS; the handshake runs in its own thread.
+    host, port = esb.url.split("/")[2].split(":")
+    with socket.create_connection((host, int(port))):
+        assert post(esb.url, pki, timeout=2).status_code == 200
+
+
+# -- HTTP and SOAP rules ----------------------------------------------------------
+
+
+def test_wrong_path_is_404(esb, pki):
+    assert post(esb.url.replace("/submitKnack", "/other"), pki).status_code == 404
+    assert esb.accepted == []
+
+
+def test_wrong_content_type_is_415(esb, pki):
+    assert post(esb.url, pki, content_type="application/json").status_code == 415
+    assert esb.accepted == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(message(details="Caf\u00e9 owner called"), id="non-ascii"),
+        pytest.param(b"<soapenv:Envelope><unclosed>", id="malformed"),
+        pytest.param(
+            f'<soapenv:Envelope xmlns:soapenv="{SOAP_NS}"><soapenv:Body/></soapenv:Envelope>'.encode(),
+            id="no-submitKnack",
+        ),
+        pytest.param(b"<Envelope><Body/></Envelope>", id="not-soap"),
+    ],
+)
+def test_bad_message_gets_client_fault_and_is_not_accepted(esb, pki, body):
+    response = post(esb.url, pki, body)
+
+    assert response.status_code == 500
+    faultcode, faultstring = fault_of(response)
+    assert faultcode == "soapenv:Client"
+    assert faultstring
+    assert esb.accepted == []
+    assert [r.status for r in esb.received] == [500]
+
+
+def test_character_references_are_accepted(esb, pki):
+    body = message(details="Caf&#233; &#8212; &amp; more")
+    assert post(esb.url, pki, body, content_type="text/xml; charset=utf-8").status_code == 200
+    assert parse_message(esb.accepted[0].body)["activity_details"] == "Caf\u00e9 \u2014 & more"
+
+
+# -- injected failures ------------------------------------------------------------
+
+
+def test_injected_status_applies_to_the_next_count_posts(esb, pki):
+    esb.inject(status=503, count=2)
+
+    statuses = [post(esb.url, pki, message(f"r{i}")).status_code for i in range(3)]
+
+    assert statuses == [503, 503, 200]
+    assert [r.record_id for r in esb.accepted] == ["r2"]
+    assert [r.status for r in esb.received] == [503, 503, 200]
+
+
+def test_injected_fault_is_a_soap_server_fault(esb, pki):
+    esb.inject(fault="Backend CSR system unavailable")
+
+    response = post(esb.url, pki)
+
+    assert response.status_code == 500
+    assert fault_of(response) == ("soapenv:Server", "Backend CSR system unavailable")
+    assert esb.accepted == []
+    assert esb.received[0].record_id == "rec1"  # the simulator still saw what was sent
+
+
+def test_injected_fault_with_status_200_is_not_accepted(esb, pki):
+    esb.inject(fault="Invalid SR number", status=200)
+
+    response = post(esb.url, pki)
+
+    assert response.status_code == 200
+    assert fault_of(response)[1] == "Invalid SR number"
+    assert esb.accepted == []
+
+
+def test_injected_drop_closes_without_answer(esb, pki):
+    esb.inject(drop=True)
+
+    with pytest.raises(requests.exceptions.ConnectionError):
+        post(esb.url, pki)
+
+    assert [r.status for r in esb.received] == [0]
+    assert esb.accepted == []
+    assert post(esb.url, pki).status_code == 200
+
+
+def test_injected_delay_outlasts_a_short_client_timeout(esb, pki):
+    esb.inject(delay=1.0)
+
+    with pytest.raises(requests.exceptions.Timeout):
+        post(esb.url, pki, timeout=0.3)
+
+    # The ESB took the message in; only its answer was late.
+    assert [r.record_id for r in esb.accepted] == ["rec1"]
+
+
+def test_delay_alone_is_then_answered_normally(esb, pki):
+    esb.inject(delay=0.3)
+    assert post(esb.url, pki, timeout=TIMEOUT).elapsed.total_seconds() >= 0.3
+    assert len(esb.accepted) == 1
+
+
+def test_latency_applies_to_every_answer(esb, pki):
+    esb.latency = 0.2
+    for _ in range(2):
+        response = post(esb.url, pki)
+        assert response.status_code == 200
+        assert response.elapsed.total_seconds() >= 0.2
+
+
+def test_clear_faults_cancels_pending_injections(esb, pki):
+    esb.inject(status=503, count=5)
+    esb.clear_faults()
+    assert post(esb.url, pki).status_code == 200
