@@ -1,0 +1,571 @@
+"""A stateful Knack REST API simulator: a real HTTP server on loopback, for tests and demos.
+
+It serves the three endpoints the 311 bridge uses, with the behaviour of the real Knack API:
+
+    GET /v1/applications/{app_id}                                  app metadata (no auth, like Knack)
+    GET /v1/pages/{scene}/views/{view}/records?filters=&rows_per_page=&page=   records of a view
+    PUT /v1/objects/{object}/records/{record_id}                   update fields of one record
+
+Real-Knack behaviour reproduced on purpose, because the client must cope with it:
+- view filters are evaluated afresh on every page request, so records whose status changed drop out
+  and the later pages shift;
+- an empty result has total_pages 0;
+- view-based requests return only the fields shown as columns of the view;
+- at most `rate_limit` requests per second per app, beyond which Knack answers 429 without Retry-After.
+
+Faults (slow answers, 5xx, malformed bodies, dropped connections, updates committed but answered with
+an error) are queued with `inject()` and hit the next matching requests.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import math
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+_OPERATORS = ("is", "is not", "is blank", "is not blank", "contains", "does not contain")
+# Knack's API docs write "and"/"or"; the builder's own view criteria use "all"/"any".
+_MATCH = {"and": all, "all": all, "or": any, "any": any}
+_MAX_ROWS_PER_PAGE = 1000  # Knack's hard cap on rows_per_page
+_DEFAULT_ROWS_PER_PAGE = 25
+
+
+@dataclass
+class LoggedRequest:
+    method: str
+    path: str  # without the query string
+    query: dict[str, str]
+    status: int  # the status answered, 0 if the connection was dropped
+    headers: dict[str, str]
+    at: float = 0.0  # time.monotonic() when the request arrived
+
+
+@dataclass
+class _Fault:
+    method: str
+    path_contains: str
+    status: int | None
+    body: str | bytes | None
+    remaining: int
+    delay: float
+    drop: bool
+    retry_after: float | None
+    after_apply: bool
+
+    def matches(self, method: str, target: str) -> bool:
+        return self.method in ("*", method) and self.path_contains in target
+
+    @property
+    def replaces_answer(self) -> bool:
+        return self.drop or self.status is not None
+
+
+@dataclass
+class _Reply:
+    status: int
+    body: bytes
+    content_type: str = "application/json; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _json_reply(status: int, payload: Any) -> _Reply:
+    # Knack sends UTF-8 JSON with non-ASCII characters as they are ("Jalapeños").
+    return _Reply(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+
+
+def _error(status: int, message: str) -> _Reply:
+    return _json_reply(status, {"errors": [{"message": message}]})
+
+
+def _is_blank(raw: Any) -> bool:
+    # Knack returns empty values as "" or [] (connections), and some multiple-choice fields as [None].
+    if raw is None or raw == "" or raw == [] or raw == {}:
+        return True
+    return isinstance(raw, list) and all(item in (None, "") for item in raw)
+
+
+def _comparable_texts(raw: Any, display: Any) -> list[str]:
+    """The texts a filter value is compared with: the raw value, or what identifies it."""
+    if _is_blank(raw):
+        return [""]
+    if isinstance(raw, list):
+        texts = []
+        for item in raw:
+            if isinstance(item, dict):  # a connection: {"id", "identifier"}
+                texts += [str(item.get("identifier", "")), str(item.get("id", ""))]
+            elif item is not None:
+                texts.append(str(item))
+        return texts
+    if isinstance(raw, dict):  # dates, names, addresses: compare with what Knack displays
+        return [display if isinstance(display, str) else ""]
+    return [str(raw)]
+
+
+def _parse_filters(text: str | None) -> tuple[Any, list[dict]]:
+    """Knack's filters parameter: {"match": "and"|"or", "rules": [...]} or a bare list of rules."""
+    if not text:
+        return all, []
+    try:
+        filters = json.loads(text)
+    except ValueError:
+        raise _BadRequest("filters is not valid JSON") from None
+    if isinstance(filters, list):
+        match, rules = "and", filters
+    elif isinstance(filters, dict):
+        match, rules = str(filters.get("match", "and")).lower(), filters.get("rules", [])
+    else:
+        raise _BadRequest("filters must be an object or a list of rules")
+    if match not in _MATCH:
+        raise _BadRequest(f"unknown filter match {match!r}")
+    if not isinstance(rules, list):
+        raise _BadRequest("filter rules must be a list")
+    for rule in rules:
+        if not isinstance(rule, dict) or not isinstance(rule.get("field"), str):
+            raise _BadRequest(f"invalid filter rule {rule!r}")
+        if rule.get("operator") not in _OPERATORS:
+            raise _BadRequest(f"unsupported filter operator {rule.get('operator')!r}")
+    return _MATCH[match], rules
+
+
+def _rule_matches(record: dict, rule: dict) -> bool:
+    field_key, operator = rule["field"], rule["operator"]
+    raw = record.get(f"{field_key}_raw", record.get(field_key))
+    if operator == "is blank":
+        return _is_blank(raw)
+    if operator == "is not blank":
+        return not _is_blank(raw)
+    value = rule.get("value")
+    wanted = "" if value is None else str(value)
+    texts = _comparable_texts(raw, record.get(field_key))
+    if operator == "is":
+        return wanted in texts
+    if operator == "is not":
+        return wanted not in texts
+    # Knack's "contains" is a case-insensitive text search.
+    found = any(wanted.lower() in text.lower() for text in texts)
+    return found if operator == "contains" else not found
+
+
+def _positive_int(query: dict[str, str], name: str, default: int) -> int:
+    text = query.get(name)
+    if text in (None, ""):
+        return default
+    try:
+        number = int(text)
+    except ValueError:
+        raise _BadRequest(f"{name} must be an integer") from None
+    if number < 1:
+        raise _BadRequest(f"{name} must be at least 1")
+    return number
+
+
+class _Handler(BaseHTTPRequestHandler):
+    # HTTP/1.1 keep-alive, like the real API, so a client's connection pool is exercised.
+    protocol_version = "HTTP/1.1"
+    server_version = "KnackSimulator/1.0"
+    server: "_Server"
+
+    def setup(self) -> None:
+        super().setup()
+        # Without this, the body written after the headers waits for the client's delayed ACK
+        # (Nagle), and every answer takes ~40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.simulator._track(self.connection, add=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.simulator._track(self.connection, add=False)
+
+    def _serve(self) -> None:
+        self.server.simulator._serve(self)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = _serve
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read request_log
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    simulator: "KnackSimulator"
+
+    def handle_error(self, request, client_address) -> None:
+        # Clients that time out or go away mid-answer are expected in fault tests: stay quiet about
+        # those, but let a bug in the simulator show its traceback.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
+class KnackSimulator:
+    """A Knack app on loopback: metadata, view records with filters and paging, record updates."""
+
+    def __init__(
+        self,
+        *,
+        app_id: str,
+        api_key: str,
+        metadata: dict,
+        rate_limit: float | None = 10.0,
+        max_rows_per_page: int = 1000,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.app_id = app_id
+        self.api_key = api_key
+        self.rate_limit = rate_limit
+        self.max_rows_per_page = max_rows_per_page
+        self.host = host
+        self.port = port
+        self.latency = 0.0
+        self.request_log: list[LoggedRequest] = []
+        self.updates: list[tuple[str, str, dict]] = []
+        self._lock = threading.Lock()
+        self._metadata = copy.deepcopy(metadata)
+        self._records: dict[str, dict[str, dict]] = {}  # object key -> record id -> record (insertion order)
+        self._faults: list[_Fault] = []
+        self._window: collections.deque[float] = collections.deque()  # arrival times of admitted requests
+        self._connections: set[socket.socket] = set()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # ----- lifecycle -----
+
+    @property
+    def url(self) -> str:
+        """The KNACK_API_URL to give the program, e.g. http://127.0.0.1:54321/v1."""
+        # Known from start() on, and kept after stop() so a test can show Knack being down.
+        if self.port == 0:
+            raise RuntimeError("the Knack simulator is not started")
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> "KnackSimulator":
+        if self._server is None:
+            self._server = _Server((self.host, self.port), _Handler)
+            self._server.simulator = self
+            self.port = self._server.server_address[1]
+            self._thread = threading.Thread(
+                target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+                name=f"knack-simulator-{self.port}",
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        # Close kept-alive connections too, so a stopped simulator looks like a Knack outage.
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "KnackSimulator":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    # ----- state -----
+
+    def add_records(self, object_key: str, records: list[dict]) -> None:
+        """Add Knack-shaped records ("id", "field_N", "field_N_raw") to an object, in order."""
+        with self._lock:
+            table = self._records.setdefault(object_key, {})
+            for record in records:
+                record_id = record["id"]
+                if record_id in table:
+                    raise ValueError(f"record {record_id} already exists in {object_key}")
+                table[record_id] = copy.deepcopy(record)
+
+    def records(self, object_key: str) -> list[dict]:
+        with self._lock:
+            return copy.deepcopy(list(self._records.get(object_key, {}).values()))
+
+    def record(self, object_key: str, record_id: str) -> dict:
+        with self._lock:
+            return copy.deepcopy(self._records[object_key][record_id])
+
+    def set_metadata(self, metadata: dict) -> None:
+        with self._lock:
+            self._metadata = copy.deepcopy(metadata)
+
+    # ----- faults -----
+
+    def inject(
+        self,
+        method: str,
+        path_contains: str = "",
+        *,
+        status: int | None = None,
+        body: str | bytes | None = None,
+        count: int = 1,
+        delay: float = 0.0,
+        drop: bool = False,
+        retry_after: float | None = None,
+        after_apply: bool = False,
+    ) -> None:
+        """Make the next `count` requests of `method` ("*" = any) whose path (with its query string)
+        contains `path_contains` misbehave: wait `delay` seconds, then drop the connection without an
+        answer, or answer `status` with `body`. With after_apply the request is first handled
+        normally (a PUT commits its update), and only its answer is replaced.
+
+        A fractional retry_after is sent as is ("0.5"); HTTP allows whole seconds only and urllib3
+        rejects such a header, so use whole numbers unless that is what is being tested.
+        """
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        if drop and status is not None:
+            raise ValueError("a fault either drops the connection or answers a status, not both")
+        with self._lock:
+            self._faults.append(
+                _Fault(method.upper(), path_contains, status, body, count, delay, drop, retry_after, after_apply)
+            )
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def pending_faults(self) -> int:
+        """How many faulty answers are still queued."""
+        with self._lock:
+            return sum(fault.remaining for fault in self._faults)
+
+    def _take_fault(self, method: str, target: str) -> _Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.matches(method, target):
+                    fault.remaining -= 1
+                    if fault.remaining == 0:
+                        self._faults.remove(fault)
+                    return fault
+        return None
+
+    @staticmethod
+    def _fault_reply(fault: _Fault) -> _Reply:
+        assert fault.status is not None
+        if fault.body is None and fault.status >= 400:
+            reply = _error(fault.status, f"Simulated error {fault.status}")
+        elif fault.body is None:
+            reply = _Reply(fault.status, b"")
+        else:
+            body = fault.body.encode("utf-8") if isinstance(fault.body, str) else fault.body
+            try:
+                json.loads(body)
+                content_type = "application/json; charset=utf-8"
+            except ValueError:
+                content_type = "text/html; charset=utf-8"  # e.g. a proxy's "bad gateway" page
+            reply = _Reply(fault.status, body, content_type)
+        if fault.retry_after is not None:
+            reply.headers["Retry-After"] = f"{fault.retry_after:g}"
+        return reply
+
+    # ----- serving -----
+
+    def _track(self, connection: socket.socket, *, add: bool) -> None:
+        with self._lock:
+            if add:
+                self._connections.add(connection)
+            else:
+                self._connections.discard(connection)
+
+    def _serve(self, handler: _Handler) -> None:
+        arrived = time.monotonic()
+        method = handler.command
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        split = urlsplit(handler.path)
+        path = unquote(split.path)
+        query = dict(parse_qsl(split.query, keep_blank_values=True))
+
+        if self.latency:
+            time.sleep(self.latency)
+        fault = self._take_fault(method, handler.path)
+        if fault is not None and fault.delay:
+            time.sleep(fault.delay)
+
+        reply: _Reply | None
+        if fault is None or not fault.replaces_answer:
+            reply = self._answer(method, path, query, handler.headers, body)
+        else:
+            if fault.after_apply:
+                # Knack commits the change, but the client never sees a good answer.
+                self._answer(method, path, query, handler.headers, body)
+            reply = None if fault.drop else self._fault_reply(fault)
+
+        # Log before answering, so a test that has its answer also sees the log entry.
+        with self._lock:
+            self.request_log.append(
+                LoggedRequest(method, path, query, reply.status if reply else 0, dict(handler.headers.items()), arrived)
+            )
+
+        if reply is None:
+            handler.close_connection = True
+            try:
+                handler.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        try:
+            handler.send_response(reply.status)
+            handler.send_header("Content-Type", reply.content_type)
+            handler.send_header("Content-Length", str(len(reply.body)))
+            for name, value in reply.headers.items():
+                handler.send_header(name, value)
+            handler.end_headers()
+            handler.wfile.write(reply.body)
+        except OSError:  # the client gave up (timeout) while we were slow
+            handler.close_connection = True
+
+    def _answer(self, method: str, path: str, query: dict[str, str], headers, body: bytes) -> _Reply:
+        """What the real Knack answers (no faults)."""
+        parts = path.strip("/").split("/")
+        is_metadata = method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "applications"]
+        is_view_records = (
+            method == "GET" and len(parts) == 6 and parts[:2] == ["v1", "pages"] and parts[3] == "views"
+            and parts[5] == "records"
+        )
+        is_update = method == "PUT" and len(parts) == 5 and parts[:2] == ["v1", "objects"] and parts[3] == "records"
+        if not (is_metadata or is_view_records or is_update):
+            return _error(404, f"Not found: {method} {path}")
+
+        # The metadata is public in Knack; everything else needs the app id and API key headers.
+        if not is_metadata and (
+            headers.get("X-Knack-Application-Id") != self.app_id or headers.get("X-Knack-REST-API-Key") != self.api_key
+        ):
+            return _error(401, "Invalid API key or application id")
+        if not self._admit():
+            return _error(429, "Rate limit exceeded")
+
+        try:
+            if is_metadata:
+                return self._metadata_reply(parts[2])
+            if is_view_records:
+                return self._view_records(parts[2], parts[4], query)
+            return self._update(parts[2], parts[4], body)
+        except _BadRequest as bad:
+            return _error(400, str(bad))
+
+    def _admit(self) -> bool:
+        """Knack's per-app rate limit: a sliding one-second window; refused requests do not count."""
+        if self.rate_limit is None:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            while self._window and now - self._window[0] >= 1.0:
+                self._window.popleft()
+            if len(self._window) >= self.rate_limit:
+                return False
+            self._window.append(now)
+            return True
+
+    def _metadata_reply(self, app_id: str) -> _Reply:
+        if app_id != self.app_id:
+            return _error(404, f"Application {app_id} not found")
+        with self._lock:
+            return _json_reply(200, self._metadata)
+
+    def _find_view(self, scene_key: str, view_key: str) -> dict | None:
+        for scene in self._metadata.get("application", {}).get("scenes", []):
+            if scene.get("key") == scene_key:
+                for view in scene.get("views", []):
+                    if view.get("key") == view_key:
+                        return view
+        return None
+
+    def _view_records(self, scene_key: str, view_key: str, query: dict[str, str]) -> _Reply:
+        match, rules = _parse_filters(query.get("filters"))
+        rows_per_page = min(
+            _positive_int(query, "rows_per_page", _DEFAULT_ROWS_PER_PAGE), _MAX_ROWS_PER_PAGE, self.max_rows_per_page
+        )
+        page = _positive_int(query, "page", 1)
+        with self._lock:
+            view = self._find_view(scene_key, view_key)
+            if view is None:
+                return _error(404, f"View {view_key} not found in scene {scene_key}")
+            object_key = view.get("source", {}).get("object")
+            # Filters run against the current state on every request: records updated since the
+            # previous page no longer match, and later pages shift (the real Knack behaviour).
+            matching = [
+                record
+                for record in self._records.get(object_key, {}).values()
+                if match(_rule_matches(record, rule) for rule in rules)
+            ]
+            columns = {
+                column["field"]["key"]
+                for column in view.get("columns", [])
+                if isinstance(column.get("field"), dict) and "key" in column["field"]
+            }
+            start = (page - 1) * rows_per_page
+            shown = [self._only_columns(record, columns) for record in matching[start : start + rows_per_page]]
+            # Serialized under the lock so a concurrent update cannot tear a record.
+            return _json_reply(
+                200,
+                {
+                    "total_pages": math.ceil(len(matching) / rows_per_page),  # 0 when nothing matches
+                    "current_page": page,
+                    "total_records": len(matching),
+                    "records": shown,
+                },
+            )
+
+    @staticmethod
+    def _only_columns(record: dict, columns: set[str]) -> dict:
+        # View-based requests return only the fields the view shows (all of them if it names none).
+        if not columns:
+            return record
+        return {
+            key: value
+            for key, value in record.items()
+            if key == "id" or key in columns or (key.endswith("_raw") and key[: -len("_raw")] in columns)
+        }
+
+    def _field_keys(self, object_key: str) -> set[str] | None:
+        for obj in self._metadata.get("application", {}).get("objects", []):
+            if obj.get("key") == object_key:
+                return {f["key"] for f in obj.get("fields", [])}
+        return None
+
+    def _update(self, object_key: str, record_id: str, body: bytes) -> _Reply:
+        try:
+            changes = json.loads(body)
+        except ValueError:
+            raise _BadRequest("body is not valid JSON") from None
+        if not isinstance(changes, dict):
+            raise _BadRequest("body must be a JSON object of field values")
+        with self._lock:
+            record = self._records.get(object_key, {}).get(record_id)
+            if record is None:
+                return _error(404, f"Record {record_id} not found in {object_key}")
+            # Knack silently ignores keys that are not fields of the object (when the metadata
+            # describes the object), so a wrong field key leaves the record unchanged.
+            known = self._field_keys(object_key)
+            for key, value in changes.items():
+                if known is not None and key not in known:
+                    continue
+                record[f"{key}_raw"] = value
+                record[key] = "" if value is None else value
+            self.updates.append((object_key, record_id, copy.deepcopy(changes)))
+            return _json_reply(200, record)
