@@ -81,7 +81,7 @@ def knack_datetime(raw: object, tz: ZoneInfo) -> str:
     if isinstance(stamp, (int, float)) and not isinstance(stamp, bool):
         try:
             wall_clock = dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=stamp)
-        except OverflowError:
+        except (OverflowError, ValueError):  # out of range, or NaN/infinity (JSON parsers accept them)
             raise RecordError(f"date/time out of range: {_show(stamp)}") from None
     elif isinstance(raw.get("iso_timestamp"), str):
         try:
@@ -104,14 +104,14 @@ def paragraph_text(raw: object) -> str:
 
 def format_value(raw: object, field_type: str, tz: ZoneInfo) -> str:
     """Format one raw Knack value by its field type. Empty values become "", never "None"."""
-    if raw is None:
+    if raw is None or raw == [] or raw == {}:
         return ""
     if field_type == "date_time":
         return knack_datetime(raw, tz)
     if field_type == "connection":
         # a connection is a list of {id, identifier}; 311 wants the identifiers
         if isinstance(raw, list):
-            return ", ".join(str(item.get("identifier", "")) if isinstance(item, dict) else str(item)
+            return ", ".join(str(item.get("identifier") or "") if isinstance(item, dict) else str(item)
                              for item in raw if item not in (None, ""))
         return str(raw)
     if field_type == "paragraph_text":

@@ -148,7 +148,7 @@ class Summary:
     stop_reason: str = ""
     started: float = field(default_factory=time.monotonic)
 
-    def line(self, app: str, dry_run: bool) -> str:
+    def line(self, dry_run: bool) -> str:
         parts = [f"fetched={self.fetched}"]
         if dry_run:
             parts.append(f"rendered={self.rendered}")
@@ -156,7 +156,7 @@ class Summary:
                   f"held={self.held}", f"deferred={self.deferred}", f"not_attempted={self.not_attempted}",
                   f"duration={time.monotonic() - self.started:.1f}s"]
         tail = f" stopped: {self.stop_reason}" if self.stop_reason else ""
-        return f"{app} summary{' (dry run)' if dry_run else ''}: {' '.join(parts)}{tail}"
+        return f"summary{' (dry run)' if dry_run else ''}: {' '.join(parts)}{tail}"
 
     def exit_code(self) -> int:
         trouble = self.failed or self.held or self.not_attempted or self.stop_reason
@@ -227,7 +227,7 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
             log(f"ERROR: {exc}")
         if stop.signal_name and not summary.stop_reason:
             summary.stop_reason = f"received {stop.signal_name}"
-        log(summary.line(app.name, settings.dry_run))
+        log(summary.line(settings.dry_run))
         return summary.exit_code()
     finally:
         stop.restore()

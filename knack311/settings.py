@@ -128,6 +128,7 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
     if verify_flag in ("false", "0", "no"):
         esb_verify = False
     elif ca_bundle:
+        ca_bundle = str(Path(ca_bundle).expanduser().absolute())
         _readable(Path(ca_bundle), "ESB_CA_BUNDLE")
         try:
             ssl.create_default_context(cafile=ca_bundle)
@@ -183,6 +184,6 @@ def _positive_number(env: dict[str, str], name: str, default: float) -> float:
         value = float(text)
     except ValueError:
         raise ConfigError(f"{name} must be a number, not {text!r}") from None
-    if not value > 0:
-        raise ConfigError(f"{name} must be positive, not {text!r}")
+    if not 0 < value < 1e6:  # also refuses nan and inf, which sockets cannot take as a timeout
+        raise ConfigError(f"{name} must be a positive number below 1000000, not {text!r}")
     return value
