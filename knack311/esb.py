@@ -67,6 +67,9 @@ class ESBClient:
         self._attempts = attempts
         self._backoff = backoff
         self._session = requests.Session()
+        # Only our own settings decide TLS trust and routing to the ESB: without this, requests lets
+        # REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE silently replace ESB_CA_BUNDLE and proxies reroute the POST.
+        self._session.trust_env = False
         self._session.cert = (cert, key)
         self._session.verify = verify
         self._session.headers.update({"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'})
@@ -92,7 +95,8 @@ class ESBClient:
         while True:
             attempts += 1
             try:
-                reply = self._session.post(self._endpoint, data=body, timeout=self._timeout, allow_redirects=False)
+                reply = self._session.post(self._endpoint, data=body, timeout=self._timeout, allow_redirects=False,
+                                           verify=self._session.verify)
             except requests.exceptions.SSLError as exc:
                 raise ESBUnreachable(f"TLS handshake with the ESB failed: {_tls_reason(exc)}", lasting=True) from None
             except (requests.exceptions.ReadTimeout, requests.exceptions.ChunkedEncodingError) as exc:

@@ -123,7 +123,7 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
     verify_flag = env.get("ESB_VERIFY_TLS", "").strip().lower()
     if verify_flag not in ("", "true", "1", "yes", "false", "0", "no"):
         raise ConfigError(f"ESB_VERIFY_TLS must be true or false, not {verify_flag!r}")
-    esb_verify: bool | str = True
+    esb_verify: bool | str = system_trust_store()
     ca_bundle = env.get("ESB_CA_BUNDLE", "").strip()
     if verify_flag in ("false", "0", "no"):
         esb_verify = False
@@ -164,6 +164,20 @@ def _path(env: dict[str, str], name: str, default: str) -> Path:
     """A path from the environment (as given), or the default in the project root, whatever the working directory."""
     value = env.get(name, "").strip()
     return Path(value).expanduser().absolute() if value else PROJECT_ROOT / default
+
+
+def system_trust_store() -> bool | str:
+    """The operating system's CA certificates (OpenSSL's default file or directory), for requests' verify.
+
+    requests would otherwise trust only its own certifi bundle; an ESB signed by a CA that the machine's
+    administrators installed must verify too. True (certifi) when the system has none.
+    """
+    paths = ssl.get_default_verify_paths()
+    if paths.cafile and Path(paths.cafile).is_file():
+        return paths.cafile
+    if paths.capath and Path(paths.capath).is_dir():
+        return paths.capath
+    return True
 
 
 def _readable(path: Path, what: str) -> None:
