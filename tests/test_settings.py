@@ -12,7 +12,7 @@ import trustme
 import config
 from knack311 import settings as settings_module
 from knack311.errors import ConfigError
-from knack311.settings import load_app, load_settings
+from knack311.settings import load_app, load_settings, system_trust_store
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent   # computed here, not taken from the module under test
 API_KEY = "knack-api-key-7f3c9e1d-do-not-log"
@@ -60,7 +60,7 @@ def test_shipped_config_loads(app, env):
     assert s.knack_app_id == "5d79512148c4af00106d1507"
     assert s.knack_api_key == API_KEY
     assert s.esb_endpoint == "https://esb.example.test/AcceptKnack"
-    assert s.esb_verify is True
+    assert s.esb_verify == system_trust_store() and s.esb_verify is not False
     assert s.esb_timeout == 30.0
     assert s.knack_api_url == "https://api.knack.com/v1"
     assert s.dry_run is False
@@ -172,7 +172,20 @@ def test_verify_tls_false(env, pki, flag):
 @pytest.mark.parametrize("flag", ["true", "1", "yes", ""])
 def test_verify_tls_true(env, flag):
     env["ESB_VERIFY_TLS"] = flag
-    assert load_settings("data-tracker", env, config.CONFIG).esb_verify is True
+    # verification on, against the operating system's trust store (not requests' own bundle)
+    assert load_settings("data-tracker", env, config.CONFIG).esb_verify == system_trust_store()
+
+
+def test_system_trust_store_is_the_openssl_default(monkeypatch, tmp_path):
+    cafile = tmp_path / "system-ca.pem"
+    cafile.write_text("")
+    paths = settings_module.ssl.DefaultVerifyPaths(str(cafile), str(tmp_path), "", "", "", "")
+    monkeypatch.setattr(settings_module.ssl, "get_default_verify_paths", lambda: paths)
+    assert system_trust_store() == str(cafile)
+    paths = settings_module.ssl.DefaultVerifyPaths(None, str(tmp_path), "", "", "", "")
+    assert system_trust_store() == str(tmp_path)
+    paths = settings_module.ssl.DefaultVerifyPaths(None, None, "", "", "", "")
+    assert system_trust_store() is True
 
 
 def test_verify_tls_nonsense_is_an_error(env):
