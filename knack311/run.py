@@ -122,6 +122,11 @@ class RecordSender:
             self.log(f"delivered to ESB (HTTP {delivery.status}, attempt {delivery.attempts})", activity)
         return self.mark(activity, SENT)
 
+    def already_delivered(self, activity: Activity) -> bool:
+        """The ESB accepted this record's message in an earlier run (only the Knack update is missing)."""
+        entry = self.journal.get(activity.record_id) if self.journal is not None else None
+        return entry is not None and entry.state == DELIVERED
+
     def mark(self, activity: Activity, status: str, why: str = "") -> Result:
         """Set the Knack status; for SENT, close the journal entry."""
         app = self.settings.app
@@ -278,11 +283,11 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
         except RecordError as exc:
             summary.failed += 1
             sr = _raw_text(record, app.fields["sr_number"])
-            if sr:
+            if sr:  # records without an SR number have no order to keep
                 failed_srs.add(sr)
             log(f"FAILED: {exc}", record_id=str(record.get("id", "")), sr=sr)
             continue
-        if activity.sr_number and activity.sr_number in failed_srs:
+        if activity.sr_number in failed_srs and not sender.already_delivered(activity):
             summary.held += 1
             log("HELD: an earlier activity of this service request failed; kept for a later run to keep 311's order",
                 activity)
