@@ -1,0 +1,280 @@
+"""Docker smoke test: build the image and run it the way the scheduler does, against simulators on this host.
+
+    make docker-smoke        (or: .venv/bin/python -m knack311.simulators.docker_smoke)
+
+Needs a running Docker engine (here: `bash ../shared/tools/docker-engine start`). It builds `knack-311:smoke`,
+makes a throwaway PKI, starts the Knack simulator (HTTP) and the ESB simulator (HTTPS, client certificate
+required) on 127.0.0.1, seeds data-tracker activities, writes an env file and runs
+
+    docker run --rm --network host --env-file ENVFILE -v CERTDIR:/certs:ro -v STATEDIR:/app/state \
+        knack-311:smoke data-tracker
+
+then checks what the ESB received, what Knack now says, what the container printed, who it ran as and what
+the image holds. Prints "ok: ..." / "FAIL: ..." per check and a final line; exits 0 only if every check passed,
+1 if any failed, 2 if Docker is not available.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+from config import CONFIG
+from knack311.simulators.activities import activity_record, app_metadata
+from knack311.simulators.certs import CLIENT_NAME, make_pki
+from knack311.simulators.esb import ESBSimulator, parse_message
+from knack311.simulators.knack_api import KnackSimulator
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+IMAGE = "knack-311:smoke"
+APP = "data-tracker"
+APP_ID = "5d79512148c4af00106d1507"
+API_KEY = "smoke-canary-api-key-7d41b0c2"  # must never appear in the container's output
+CONTAINER_UID = 10001  # the image's USER
+RUN_TIMEOUT = 300  # seconds; the scheduler's own limit is 5 minutes
+
+NON_ASCII = "Señal dañada en Congress & 6th — café ☕, 日本語 <ok>"
+
+# (atd id, SR, activity name, local time, details, extra); "sendable" is whether a message must reach the ESB
+ACTIVITIES = [
+    (601, "24-00031001", "Dispatch Technician", dt.datetime(2024, 7, 4, 9, 15), "Crew sent to Lamar & 5th.", {}),
+    (602, "24-00031001", "Close Issue (Resolved)", dt.datetime(2024, 7, 4, 11, 5), "Resolved on site.\nAll good.",
+     {"issue_status": "closed_resolved"}),
+    (603, "24-00031002", "Identify Asset", dt.datetime(2024, 1, 15, 8, 30), NON_ASCII, {}),
+    (604, "24-00031002", "Other", dt.datetime(2024, 1, 15, 8, 45), "Internal note, not for 311.", {}),
+    (605, "24-00031003", "Close Issue (Duplicate)", dt.datetime(2024, 11, 3, 1, 30), "Same as 24-00031001.",
+     {"issue_status": "closed_duplicate"}),
+    (606, "24-00031004", "Adjust Timing", dt.datetime(2024, 3, 10, 3, 1), 'Cycle 120 -> 100s; "ped" < 7s fixed.',
+     {"csr_activity_id": "CSR-445566"}),
+]
+DO_NOT_SEND = {604}
+SENDABLE = [atd for atd, *_ in ACTIVITIES if atd not in DO_NOT_SEND]
+
+
+def record_id(atd: int) -> str:
+    return f"64c0{atd:020d}"
+
+
+class Checks:
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failed: list[str] = []
+
+    def check(self, condition: bool, what: str, detail: str = "") -> bool:
+        if condition:
+            self.passed += 1
+            print(f"ok: {what}", flush=True)
+        else:
+            self.failed.append(what)
+            print(f"FAIL: {what}" + (f" ({detail})" if detail else ""), flush=True)
+        return condition
+
+    def finish(self) -> int:
+        total = self.passed + len(self.failed)
+        if self.failed:
+            print(f"docker smoke: FAILED, {len(self.failed)} of {total} checks failed", flush=True)
+            return 1
+        print(f"docker smoke: all {total} checks passed", flush=True)
+        return 0
+
+
+def docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def docker_available() -> str | None:
+    """None if `docker info` works, else why not."""
+    try:
+        info = docker("info", "--format", "{{.ServerVersion}}", timeout=30)
+    except FileNotFoundError:
+        return "the docker command is not installed"
+    except subprocess.TimeoutExpired:
+        return "`docker info` did not answer within 30 s"
+    if info.returncode != 0:
+        return (info.stderr.strip().splitlines() or ["`docker info` failed"])[-1]
+    return None
+
+
+def seed(knack: KnackSimulator) -> None:
+    config = CONFIG[APP]
+    records = [
+        activity_record(config, app_name=APP, record_id=record_id(atd), atd_activity_id=atd, emi_id=f"EMI-{atd}",
+                        sr_number=sr, activity_name=name, activity_datetime=when, activity_details=details,
+                        issue_status=extra.get("issue_status", "open"),
+                        **{k: v for k, v in extra.items() if k != "issue_status"})
+        for atd, sr, name, when, details, extra in ACTIVITIES
+    ]
+    knack.add_records(config["obj"], list(reversed(records)))  # newest first, as staff add them
+
+
+def statuses(knack: KnackSimulator) -> dict[str, str]:
+    key = CONFIG[APP]["fields"]["esb_status"]
+    return {r["id"]: r.get(f"{key}_raw", r.get(key)) for r in knack.records(CONFIG[APP]["obj"])}
+
+
+def make_mounts(tmp: Path, pki) -> tuple[Path, Path]:
+    """The certificate folder (mounted read-only at /certs) and the state folder (mounted at /app/state).
+
+    The container runs as uid 10001, so the key must be readable by that uid: as root we give the copy to it
+    with mode 0400 (what operators do with the real key); otherwise the temporary copy is made world-readable.
+    """
+    certs = tmp / "certs"
+    certs.mkdir()
+    certs.chmod(0o755)
+    shutil.copyfile(pki.client_cert, certs / "esb.cert")
+    shutil.copyfile(pki.client_key, certs / "esb.pem")
+    shutil.copyfile(pki.ca_bundle, certs / "ca.pem")
+    (certs / "esb.cert").chmod(0o644)
+    (certs / "ca.pem").chmod(0o644)
+    state = tmp / "state"
+    state.mkdir()
+    if os.geteuid() == 0:
+        os.chown(certs / "esb.pem", CONTAINER_UID, CONTAINER_UID)
+        (certs / "esb.pem").chmod(0o400)
+        os.chown(state, CONTAINER_UID, CONTAINER_UID)
+        state.chmod(0o700)
+    else:
+        (certs / "esb.pem").chmod(0o644)
+        state.chmod(0o777)
+    return certs, state
+
+
+def write_env_file(path: Path, knack: KnackSimulator, esb: ESBSimulator) -> None:
+    # docker's --env-file format: KEY=value per line, taken literally (no quotes, no expansion).
+    # STATE_DIR is left to its default, /app/state, where the volume is mounted.
+    lines = [
+        f"KNACK_APP_ID={APP_ID}",
+        f"KNACK_API_KEY={API_KEY}",
+        f"KNACK_API_URL={knack.url}",
+        f"ESB_ENDPOINT={esb.url}",
+        "ESB_CERT=/certs/esb.cert",
+        "ESB_KEY=/certs/esb.pem",
+        "ESB_CA_BUNDLE=/certs/ca.pem",
+        "ESB_TIMEOUT=10",
+    ]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def run_container(env_file: Path, certs: Path, state: Path) -> tuple[int | None, str]:
+    command = ["docker", "run", "--rm", "--network", "host", "--env-file", str(env_file),
+               "-v", f"{certs}:/certs:ro", "-v", f"{state}:/app/state", IMAGE, APP]
+    print("$ " + " ".join(command), flush=True)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace")
+        return None, out
+    output = proc.stdout + proc.stderr
+    print(textwrap.indent(output.rstrip("\n") or "(no output)", "  | "), flush=True)
+    return proc.returncode, output
+
+
+def main() -> int:
+    problem = docker_available()
+    if problem:
+        print(f"docker smoke: no Docker engine ({problem}).\n"
+              "Start one with: bash ../shared/tools/docker-engine start   (from the project root)", file=sys.stderr)
+        return 2
+
+    checks = Checks()
+    print(f"building {IMAGE} from {PROJECT_ROOT} ...", flush=True)
+    try:
+        build = subprocess.run(["docker", "build", "-t", IMAGE, str(PROJECT_ROOT)], capture_output=True, text=True,
+                               timeout=1200)
+    except subprocess.TimeoutExpired:
+        checks.check(False, f"docker build -t {IMAGE} .", "timed out after 20 minutes")
+        return checks.finish()
+    if not checks.check(build.returncode == 0, f"docker build -t {IMAGE} .", f"exit {build.returncode}"):
+        print(textwrap.indent("\n".join((build.stdout + build.stderr).splitlines()[-40:]), "  | "))
+        return checks.finish()
+
+    config = CONFIG[APP]
+    with tempfile.TemporaryDirectory(prefix="knack311-docker-smoke-", ignore_cleanup_errors=True) as tmp_name:
+        tmp = Path(tmp_name)
+        Path(tmp).chmod(0o755)  # the bind mounts below are read through it
+        pki = make_pki(tmp / "pki")
+        certs, state = make_mounts(tmp, pki)
+        key_pem = pki.client_key.read_text()
+        key_body = "".join(line for line in key_pem.splitlines() if line and not line.startswith("-----"))
+        metadata = app_metadata(APP, config, timezone="Central Time (US & Canada)", app_id=APP_ID)
+        with KnackSimulator(app_id=APP_ID, api_key=API_KEY, metadata=metadata, host="127.0.0.1") as knack, \
+                ESBSimulator(server_cert=pki.server_cert, server_key=pki.server_key,
+                             client_ca_bundle=pki.client_ca_bundle, host="127.0.0.1") as esb:
+            seed(knack)
+            env_file = tmp / "knack311.env"
+            write_env_file(env_file, knack, esb)
+            print(f"Knack simulator at {knack.url}, ESB simulator at {esb.url}; "
+                  f"{len(ACTIVITIES)} activities READY_TO_SEND in {APP}", flush=True)
+
+            # --- the scheduled run ---
+            returncode, output = run_container(env_file, certs, state)
+            checks.check(returncode == 0, "the container exited 0",
+                         "timed out" if returncode is None else f"exit {returncode}")
+
+            # the message's data/csr/id is the activity's atd_activity_id
+            copies = esb.copies()
+            expected = {str(atd): 1 for atd in SENDABLE}
+            checks.check(dict(copies) == expected,
+                         f"the ESB accepted each of the {len(SENDABLE)} sendable messages exactly once",
+                         f"accepted copies per record: {dict(copies)}")
+            checks.check(all(str(atd) not in copies for atd in DO_NOT_SEND),
+                         "no message for the activity 311 does not want (Other)")
+            checks.check(bool(esb.accepted) and all(r.client_subject == CLIENT_NAME for r in esb.accepted),
+                         f"every message came over mutual TLS with the mounted client certificate ({CLIENT_NAME})",
+                         f"subjects: {sorted({r.client_subject for r in esb.accepted})}")
+            by_id = {parse_message(r.body)["id"]: parse_message(r.body) for r in esb.accepted}
+            sent_603 = by_id.get("603", {})
+            checks.check(sent_603.get("activity_details") == NON_ASCII,
+                         "non-ASCII text arrived intact", f"got {sent_603.get('activity_details')!r}")
+            sent_605 = by_id.get("605", {})
+            checks.check(sent_605.get("issue_status_code") == "closed_resolved",
+                         "closed_duplicate went as closed_resolved", f"got {sent_605.get('issue_status_code')!r}")
+
+            want = {record_id(atd): ("DO_NOT_SEND" if atd in DO_NOT_SEND else "SENT") for atd, *_ in ACTIVITIES}
+            now = statuses(knack)
+            checks.check(now == want, "Knack records are now SENT / DO_NOT_SEND",
+                         f"differ: { {k: v for k, v in now.items() if want.get(k) != v} }")
+
+            checks.check(API_KEY not in output, "the API key does not appear in the container output")
+            checks.check("PRIVATE KEY" not in output and key_body[:40] not in output,
+                         "no key material in the container output")
+            journal = state / f"{APP}.journal.sqlite3"
+            checks.check(journal.is_file(), f"the delivery journal is in the mounted state volume ({journal.name})",
+                         f"state holds {sorted(p.name for p in state.iterdir())}")
+
+            # --- the next scheduled run: nothing left to do, nothing sent again ---
+            print("the next scheduled run:", flush=True)
+            returncode2, output2 = run_container(env_file, certs, state)
+            checks.check(returncode2 == 0 and dict(esb.copies()) == expected,
+                         "a second run exits 0 and sends nothing again",
+                         f"exit {returncode2}, accepted copies {dict(esb.copies())}")
+            checks.check(API_KEY not in output2, "the API key does not appear in the second run's output either")
+
+    # --- the image itself ---
+    who = docker("run", "--rm", "--entrypoint", "id", IMAGE, "-u")
+    uid = who.stdout.strip()
+    checks.check(who.returncode == 0 and uid.isdigit() and int(uid) != 0, f"the container runs as non-root (uid {uid})",
+                 f"`id -u` gave {uid!r}, exit {who.returncode}, {who.stderr.strip()}")
+    listing = docker("run", "--rm", "--entrypoint", "ls", IMAGE, "-A", "/app", "/app/knack311")
+    names = set(listing.stdout.split())
+    print(textwrap.indent(listing.stdout.rstrip("\n"), "  | "), flush=True)
+    forbidden = {"esb.cert", "esb.pem", "simulators", "tests", "bench", ".venv", ".git", ".env"}
+    present = sorted(n for n in names if n in forbidden or n.endswith((".pem", ".key", ".crt", ".env")))
+    program = {"send_esb_message.py", "config.py", "templates", "knack311"}
+    checks.check(listing.returncode == 0 and program <= names and not present,
+                 "the image holds the program but no esb.cert, esb.pem, keys, env files, tests or simulators",
+                 f"unexpected: {present}, missing: {sorted(program - names)}" if listing.returncode == 0
+                 else listing.stderr.strip())
+    return checks.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
