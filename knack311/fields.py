@@ -97,9 +97,13 @@ _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 
 def paragraph_text(raw: object) -> str:
-    """Paragraph text as plain text with real newlines (Knack may carry line breaks as <br />)."""
+    """Paragraph text as plain text with real newlines.
+
+    Knack may carry line breaks as <br />, and browsers submit them as CRLF (an old Mac as a lone CR); 311
+    gets one kind of line break, a newline, whichever way staff typed it.
+    """
     text = _BR.sub("\n", str(raw))
-    return text.replace("\r\n", "\n")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def format_value(raw: object, field_type: str, tz: ZoneInfo) -> str:

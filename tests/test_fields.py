@@ -213,6 +213,7 @@ def test_multiple_choice(raw, expected):
     ("Crew replaced the lamp<br />Signal back on", "Crew replaced the lamp\nSignal back on"),
     ("one<br>two<BR/>three<br  />four", "one\ntwo\nthree\nfour"),
     ("line one\r\nline two\r\n", "line one\nline two\n"),
+    ("old mac\rline", "old mac\nline"),
     ("  kept as typed  ", "  kept as typed  "),
     ("a & b < c", "a & b < c"),                           # escaping is the message's job, not this one's
     ("", ""),
