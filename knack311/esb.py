@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import requests
 from lxml import etree
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import MaxRetryError
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from .errors import RecordError
@@ -99,14 +99,14 @@ class ESBClient:
                                            verify=self._session.verify)
             except requests.exceptions.SSLError as exc:
                 raise ESBUnreachable(f"TLS handshake with the ESB failed: {_tls_reason(exc)}", lasting=True) from None
-            except (requests.exceptions.ReadTimeout, requests.exceptions.ChunkedEncodingError) as exc:
-                raise ESBUncertain(f"no answer from the ESB ({type(exc).__name__}); it may have the message") from None
             except requests.ConnectionError as exc:
-                if "RemoteDisconnected" in str(exc) or "Connection aborted" in str(exc):
-                    raise ESBUncertain("the ESB closed the connection without answering; it may have the message") from None
-                raise ESBUnreachable("cannot connect to the ESB") from None
+                if _never_sent(exc):
+                    raise ESBUnreachable("cannot connect to the ESB") from None
+                raise ESBUncertain(f"no answer from the ESB ({_transport_reason(exc)}); it may have the message") from None
+            except (requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                raise ESBUncertain(f"no answer from the ESB ({_transport_reason(exc)}); it may have the message") from None
             except requests.RequestException as exc:
-                raise ESBUnreachable(f"ESB request failed: {type(exc).__name__}") from None
+                raise ESBUncertain(f"ESB request failed ({type(exc).__name__}); it may have the message") from None
             fault = soap_fault(reply.content)
             if fault is not None:
                 raise RecordError(f"ESB answered a SOAP Fault (HTTP {reply.status_code}): {fault or 'no faultstring'}")
@@ -120,6 +120,30 @@ class ESBClient:
                 retry.sleep()
                 continue
             raise RecordError(f"ESB rejected the message: HTTP {reply.status_code} {reply.reason or ''}".rstrip())
+
+
+def _never_sent(exc: requests.ConnectionError) -> bool:
+    """True when the request certainly did not reach the ESB: no connection was ever made.
+
+    requests reports a read timeout as ConnectionError too once urllib3's Retry is mounted, so the cause has
+    to be read off the wrapped urllib3 error; anything not known to be a failed connect counts as "maybe sent".
+    """
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    reason = exc.args[0] if exc.args else None
+    if isinstance(reason, MaxRetryError):
+        reason = reason.reason
+    # NewConnectionError (refused, unreachable, name not resolved) is a ConnectTimeoutError in urllib3
+    return isinstance(reason, ConnectTimeoutError)
+
+
+def _transport_reason(exc: requests.RequestException) -> str:
+    reason = exc.args[0] if exc.args else None
+    if isinstance(reason, MaxRetryError):
+        reason = reason.reason
+    if isinstance(exc, requests.exceptions.ReadTimeout) or isinstance(reason, ReadTimeoutError):
+        return "timed out waiting for the answer"
+    return "the connection broke before the answer"
 
 
 def _tls_reason(exc: Exception) -> str:

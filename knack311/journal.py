@@ -77,6 +77,18 @@ class Journal:
         """Drop a 'sending' entry whose POST certainly never reached the ESB (the connection was refused)."""
         self._db.execute("DELETE FROM deliveries WHERE record_id = ? AND state = ?", (record_id, SENDING))
 
+    def close_delivered_except(self, ready_ids: set[str]) -> int:
+        """Close 'delivered' entries whose record Knack no longer lists as ready to send.
+
+        Such a record was set SENT although the answer never reached us (lost reply, or the run died between
+        Knack's answer and the journal write). Closing the entry keeps a later resend by staff from being
+        mistaken for an unfinished status update.
+        """
+        rows = self._db.execute("SELECT record_id FROM deliveries WHERE state = ?", (DELIVERED,)).fetchall()
+        stale = [(DONE, time.time(), record_id) for (record_id,) in rows if record_id not in ready_ids]
+        self._db.executemany("UPDATE deliveries SET state = ?, updated = ? WHERE record_id = ?", stale)
+        return len(stale)
+
     def counts(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall())
 

@@ -167,8 +167,15 @@ class KnackClient:
 
     def set_status(self, obj: str, record_id: str, status_field: str, status: str) -> None:
         """Set one record's ESB status (retried by the adapter; raises OutageError or KnackHTTPError)."""
-        self._request("PUT", f"/objects/{obj}/records/{record_id}", f"update of record {record_id}",
-                      data=json.dumps({status_field: status}))
+        what = f"update of record {record_id}"
+        record = self._request("PUT", f"/objects/{obj}/records/{record_id}", what,
+                               data=json.dumps({status_field: status}))
+        # Knack answers with the updated record: believe the record, not the 200 alone
+        if not isinstance(record, dict):
+            raise OutageError(f"Knack {what}: reply is not a record")
+        held = record.get(f"{status_field}_raw", record.get(status_field, status))
+        if held != status:
+            raise OutageError(f"Knack {what}: answered but the record still says {str(held)[:40]!r}, not {status}")
 
 
 class KnackHTTPError(OutageError):

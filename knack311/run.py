@@ -207,15 +207,16 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
     if settings.esb_verify is False:
         log("WARNING: ESB_VERIFY_TLS=false: the ESB's certificate is NOT verified")
 
+    stop = _Stop()
+    stop.install()
     lock = journal = None
     if not settings.dry_run:
         prepare_state_dir(settings.state_dir)
         lock = RunLock(settings.state_dir / f"{app.name}.lock")
         if not lock.acquire():
             log(f"another run for {app.name} is active (lock {lock.path}); this run sends nothing")
+            stop.restore()
             return EXIT_LOCKED
-    stop = _Stop()
-    stop.install()
     knack = KnackClient(settings.knack_api_url, settings.knack_app_id, settings.knack_api_key,
                         timeout=settings.esb_timeout, max_rps=settings.knack_max_rps)
     esb = None
@@ -259,6 +260,10 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
     records.sort(key=lambda r: _order_key(r, app.fields["atd_activity_id"]))
     summary.fetched = len(records)
     log(f"fetched {len(records)} record(s) ready to send")
+    if journal is not None:
+        closed = journal.close_delivered_except({str(r.get("id", "")) for r in records})
+        if closed:
+            log(f"{closed} journal entr{'y' if closed == 1 else 'ies'} closed: Knack already says SENT")
 
     sender = RecordSender(settings, knack, esb, journal, tz, log, out)
     deadline = summary.started + settings.max_runtime
@@ -317,7 +322,13 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
         elif knack_down_streak >= KNACK_OUTAGE_AFTER:
             summary.stop_reason = f"Knack status updates keep failing ({knack_down_streak} in a row)"
 
-    # one more try for the status updates that failed: the ESB has these messages, so they are not resent
+    # One more try for the status updates that failed: the ESB has these messages, so they are not resent.
+    # Not after a signal, past the budget or with Knack down: the journal lets the next run do it.
+    if unmarked and (stop.signal_name or clock() >= deadline or knack_down_streak >= KNACK_OUTAGE_AFTER):
+        summary.failed += len(unmarked)
+        for activity, reason in unmarked:
+            log(f"FAILED: {reason}; the next run sets it without resending", activity)
+        unmarked = []
     for activity, reason in unmarked:
         status = DO_NOT_SEND if reason.startswith(f"Knack status update to {DO_NOT_SEND}") else SENT
         result = sender.mark(activity, status)
