@@ -262,3 +262,18 @@ def test_prepare_state_dir_under_a_file(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ConfigError):
         prepare_state_dir(blocker / "state")
+
+
+def test_delivered_entries_of_records_no_longer_ready_are_closed(journal):
+    journal.set("still-ready", DELIVERED, "EMI-1", "h1")
+    journal.set("now-sent", DELIVERED, "EMI-2", "h2")
+    journal.set("in-flight", SENDING, "EMI-3", "h3")
+    journal.set("finished", DONE, "EMI-4", "h4")
+
+    assert journal.close_delivered_except({"still-ready", "in-flight"}) == 1
+
+    assert journal.get("now-sent").state == DONE          # Knack already says SENT: a resend will be honoured
+    assert journal.get("still-ready").state == DELIVERED  # its status update is still to do
+    assert journal.get("in-flight").state == SENDING      # outcome unknown: left alone
+    assert journal.get("finished").state == DONE
+    assert journal.get("now-sent").emi == "EMI-2"
