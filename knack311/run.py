@@ -45,6 +45,7 @@ class Result:
     reason: str = ""
     esb_down: bool = False     # the failure says the ESB is unreachable
     esb_lasting: bool = False  # ... and will stay so in this run (TLS trust)
+    status: str = ""           # UNMARKED: the Knack status still to set
 
 
 class Log:
@@ -133,7 +134,7 @@ class RecordSender:
         try:
             self.knack.set_status(app.obj, activity.record_id, app.fields["esb_status"], status)
         except OutageError as exc:
-            return Result(Outcome.UNMARKED, f"Knack status update to {status} failed: {exc}")
+            return Result(Outcome.UNMARKED, f"Knack status update to {status} failed: {exc}", status=status)
         if status == SENT and self.journal is not None:
             self.journal.set(activity.record_id, DONE)
         self.log(f"set {status}" + (f" ({why})" if why else ""), activity)
@@ -268,7 +269,7 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
     sender = RecordSender(settings, knack, esb, journal, tz, log, out)
     deadline = summary.started + settings.max_runtime
     failed_srs: set[str] = set()
-    unmarked: list[tuple[Activity, str]] = []
+    unmarked: list[tuple[Activity, Result]] = []
     esb_down_streak = knack_down_streak = 0
 
     for index, record in enumerate(records):
@@ -306,7 +307,7 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
         elif result.outcome is Outcome.RENDERED:
             summary.rendered += 1
         elif result.outcome is Outcome.UNMARKED:
-            unmarked.append((activity, result.reason))
+            unmarked.append((activity, result))
             log(f"WARNING: {result.reason}; will retry before the run ends", activity)
         else:
             summary.failed += 1
@@ -324,21 +325,17 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
 
     # One more try for the status updates that failed: the ESB has these messages, so they are not resent.
     # Not after a signal, past the budget or with Knack down: the journal lets the next run do it.
-    if unmarked and (stop.signal_name or clock() >= deadline or knack_down_streak >= KNACK_OUTAGE_AFTER):
-        summary.failed += len(unmarked)
-        for activity, reason in unmarked:
-            log(f"FAILED: {reason}; the next run sets it without resending", activity)
-        unmarked = []
-    for activity, reason in unmarked:
-        status = DO_NOT_SEND if reason.startswith(f"Knack status update to {DO_NOT_SEND}") else SENT
-        result = sender.mark(activity, status)
+    retry_now = not (stop.signal_name or clock() >= deadline or knack_down_streak >= KNACK_OUTAGE_AFTER)
+    for activity, result in unmarked:
+        if retry_now:
+            result = sender.mark(activity, result.status)
         if result.outcome is Outcome.SENT:
             summary.sent += 1
         elif result.outcome is Outcome.DO_NOT_SEND:
             summary.do_not_send += 1
         else:
             summary.failed += 1
-            left_for = "the next run sets it without resending" if status == SENT else "the next run retries"
+            left_for = "the next run sets it without resending" if result.status == SENT else "the next run retries"
             log(f"FAILED: {result.reason}; {left_for}", activity)
 
 
