@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,6 +35,7 @@ import requests
 from config import CONFIG
 from knack311.simulators.activities import activity_record
 from knack311.simulators.esb import ESBSimulator, parse_message
+from tests import conftest
 from tests.conftest import API_KEY, APP_ID, ENTRY, Seeder, make_knack, statuses
 
 APP = "data-tracker"
@@ -61,16 +61,7 @@ EXPECTED_ELEMENTS = [
 
 # ----- running the real command ---------------------------------------------------------------------------------
 
-@dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
+class Run(conftest.Run):
     def summary(self) -> str:
         lines = SUMMARY.findall(self.stdout)
         assert len(lines) == 1, f"expected one summary line on stdout, got {lines!r}\n{self.output}"
