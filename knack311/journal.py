@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, OutageError
 
 SENDING, DELIVERED, DONE = "sending", "delivered", "done"
 KEEP_DONE_SECONDS = 30 * 24 * 3600
@@ -30,6 +30,10 @@ class Entry:
     emi: str
     message_hash: str
     updated: float
+
+
+class JournalError(OutageError):
+    """The journal stopped accepting writes mid-run (disk full, file removed): nothing more may be sent."""
 
 
 class Journal:
@@ -58,14 +62,21 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
+    def _execute(self, sql: str, parameters=()) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, parameters)
+        except sqlite3.Error as exc:
+            raise JournalError(f"delivery journal {self.path} cannot be written ({exc}); stopping before "
+                               "anything else is sent") from None
+
     def get(self, record_id: str) -> Entry | None:
-        row = self._db.execute("SELECT record_id, state, emi, message_hash, updated FROM deliveries WHERE record_id = ?",
-                               (record_id,)).fetchone()
+        row = self._execute("SELECT record_id, state, emi, message_hash, updated FROM deliveries WHERE record_id = ?",
+                            (record_id,)).fetchone()
         return Entry(*row) if row else None
 
     def set(self, record_id: str, state: str, emi: str = "", message_hash: str = "") -> None:
         """Record a state change, committed (and synced) when this returns."""
-        self._db.execute(
+        self._execute(
             """INSERT INTO deliveries (record_id, state, emi, message_hash, updated) VALUES (?, ?, ?, ?, ?)
                ON CONFLICT(record_id) DO UPDATE SET state = excluded.state,
                  emi = CASE WHEN excluded.emi = '' THEN emi ELSE excluded.emi END,
@@ -75,7 +86,7 @@ class Journal:
 
     def forget(self, record_id: str) -> None:
         """Drop a 'sending' entry whose POST certainly never reached the ESB (the connection was refused)."""
-        self._db.execute("DELETE FROM deliveries WHERE record_id = ? AND state = ?", (record_id, SENDING))
+        self._execute("DELETE FROM deliveries WHERE record_id = ? AND state = ?", (record_id, SENDING))
 
     def close_delivered_except(self, ready_ids: set[str]) -> int:
         """Close 'delivered' entries whose record Knack no longer lists as ready to send.
@@ -84,13 +95,15 @@ class Journal:
         Knack's answer and the journal write). Closing the entry keeps a later resend by staff from being
         mistaken for an unfinished status update.
         """
-        rows = self._db.execute("SELECT record_id FROM deliveries WHERE state = ?", (DELIVERED,)).fetchall()
-        stale = [(DONE, time.time(), record_id) for (record_id,) in rows if record_id not in ready_ids]
-        self._db.executemany("UPDATE deliveries SET state = ?, updated = ? WHERE record_id = ?", stale)
+        rows = self._execute("SELECT record_id FROM deliveries WHERE state = ?", (DELIVERED,)).fetchall()
+        stale = [record_id for (record_id,) in rows if record_id not in ready_ids]
+        for record_id in stale:
+            self._execute("UPDATE deliveries SET state = ?, updated = ? WHERE record_id = ?",
+                          (DONE, time.time(), record_id))
         return len(stale)
 
     def counts(self) -> dict[str, int]:
-        return dict(self._db.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall())
+        return dict(self._execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall())
 
 
 class RunLock:

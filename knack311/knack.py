@@ -151,6 +151,8 @@ class KnackClient:
                 data = self._request("GET", f"/pages/{scene}/views/{view}/records", what,
                                      params={"filters": filters, "rows_per_page": ROWS_PER_PAGE, "page": page})
             except KnackHTTPError as exc:
+                if exc.status in (401, 403):
+                    raise ConfigError(f"{exc} (check KNACK_API_KEY and KNACK_APP_ID)") from None
                 raise OutageError(str(exc)) from None
             if not isinstance(data, dict) or not isinstance(data.get("records"), list):
                 raise OutageError(f"Knack {what}: reply has no records list")

@@ -695,6 +695,16 @@ def test_config_errors_found_from_the_metadata_exit_2_and_send_nothing(bridge, k
     assert all_ready(knack)
 
 
+def test_a_wrong_api_key_is_a_configuration_error(bridge, knack, esb, seed):
+    seed(2)
+    result = bridge(env={"KNACK_API_KEY": "not-the-key"})
+    assert result.returncode == 2, result.output
+    assert "KNACK_API_KEY" in result.stderr
+    assert "not-the-key" not in result.output
+    assert esb.received == [] and puts(knack) == []
+    assert all_ready(knack)
+
+
 # ----- 10. dry run ---------------------------------------------------------------------------------------------
 
 

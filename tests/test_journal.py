@@ -277,3 +277,14 @@ def test_delivered_entries_of_records_no_longer_ready_are_closed(journal):
     assert journal.get("in-flight").state == SENDING      # outcome unknown: left alone
     assert journal.get("finished").state == DONE
     assert journal.get("now-sent").emi == "EMI-2"
+
+
+def test_a_journal_that_stops_accepting_writes_is_an_outage_not_a_crash(journal_path):
+    from knack311.errors import OutageError
+
+    journal = Journal(journal_path)
+    journal._db.close()  # stands for the disk or file going away mid-run
+    with pytest.raises(OutageError, match="cannot be written"):
+        journal.set("rec-1", SENDING, "EMI-1", "h")
+    with pytest.raises(OutageError):
+        journal.get("rec-1")
