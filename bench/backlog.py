@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,13 +56,27 @@ def seed(knack: KnackSimulator, count: int) -> None:
 
 
 def run_program(env: dict, *args: str) -> tuple[int, str, float, int]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "send_esb_message.py"), APP, *args], env=env,
-                          capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return proc.returncode, proc.stdout, elapsed, peak_kib if peak_kib > before else before
+    """Run the real program; its exit code, stdout, wall time and peak RSS in KiB.
+
+    The peak is the program's own VmHWM, sampled from /proc while it runs: getrusage would also count the
+    memory of this (large) benchmark process, which the child inherits until it execs.
+    """
+    with tempfile.TemporaryFile("w+") as out:
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "send_esb_message.py"), APP, *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+        peak = 0
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                hwm = next((line for line in status.read_text().splitlines() if line.startswith("VmHWM:")), "")
+                peak = max(peak, int(hwm.split()[1])) if hwm else peak
+            except (OSError, ValueError, IndexError):
+                pass
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        out.seek(0)
+        return proc.returncode, out.read(), elapsed, peak
 
 
 def summary_of(stdout: str) -> str:
