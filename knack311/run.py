@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 
 from .errors import ConfigError, OutageError, RecordError
 from .esb import ESBClient, ESBUncertain, ESBUnreachable
-from .fields import activity_from_record, resolve_timezone
+from .fields import activity_from_record, format_value, resolve_timezone
 from .journal import DELIVERED, DONE, SENDING, Journal, RunLock, prepare_state_dir
 from .knack import DO_NOT_SEND, SENT, KnackClient
 from .message import Activity, NotFor311, message_values, render_message
@@ -288,7 +288,7 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
             activity = activity_from_record(record, app.fields, schema.field_types, tz)
         except RecordError as exc:
             summary.failed += 1
-            sr = _raw_text(record, app.fields["sr_number"])
+            sr = _sr_number(record, app.fields["sr_number"], schema.field_types, tz)
             if sr:  # records without an SR number have no order to keep
                 failed_srs.add(sr)
             log(f"FAILED: {exc}", record_id=str(record.get("id", "")), sr=sr)
@@ -339,8 +339,9 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
             log(f"FAILED: {result.reason}; {left_for}", activity)
 
 
-def _raw_text(record: dict, key: str) -> str:
-    raw = record.get(f"{key}_raw", record.get(key))
-    if isinstance(raw, list):
-        return ", ".join(str(i.get("identifier", "")) if isinstance(i, dict) else str(i) for i in raw)
-    return "" if raw is None else str(raw).strip()
+def _sr_number(record: dict, key: str, field_types: dict[str, str], tz: ZoneInfo) -> str:
+    """The SR number of a record that could not be read whole, to hold its later activities ("" if unreadable)."""
+    try:
+        return format_value(record.get(f"{key}_raw", record.get(key)), field_types.get(key, ""), tz).strip()
+    except RecordError:
+        return ""

@@ -875,6 +875,22 @@ def test_a_date_that_is_not_a_date_fails_that_record_only(knack, esb, seed, brid
     assert_nothing_sent_twice(esb, good)
 
 
+def test_an_unreadable_record_holds_the_later_activities_of_its_sr(knack, esb, bridge):
+    broken = build_record(3001, sr_number="20-77777777")
+    broken[f"{FIELDS['activity_datetime']}_raw"] = "yesterday"
+    later = build_record(3002, sr_number="20-77777777")
+    other = build_record(3003)
+    knack.add_records(OBJ, [broken, later, other])
+
+    run = bridge.run()
+
+    assert run.returncode == 1, run.output
+    assert run.count("failed") == 1 and run.count("held") == 1
+    assert status_of(knack, broken) == READY and status_of(knack, later) == READY  # 311's order is kept
+    assert status_of(knack, other) == SENT
+    assert [r.record_id for r in esb.received] == [atd(other)]
+
+
 # ================================================================================================================
 # The journal: staff resends, a journal that cannot be written, dry runs
 # ================================================================================================================
