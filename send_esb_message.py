@@ -9,8 +9,13 @@ Exit codes: 0 all done (or deferred by the time budget), 1 a record failed or th
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
+
+# Until the run installs its own handlers (finish the record in hand, then stop), an interrupt just ends
+# the process: nothing has been sent yet, and a KeyboardInterrupt traceback would only alarm.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # runnable from any working directory
 
