@@ -236,6 +236,18 @@ def assert_nothing_sent_twice(esb, records: list[dict], *, may_duplicate=(), max
     return duplicates
 
 
+def assert_stopped_before_sending_then_recovers(run, knack, esb, bridge, records) -> None:
+    """A run that met a broken Knack: exit 1, no traceback, nothing posted or marked; healthy reruns finish."""
+    assert run.returncode == 1, run.output
+    no_traceback(run)
+    assert esb.received == []
+    assert put_knack_requests(knack) == []
+    knack.clear_faults()
+    bridge.settle()
+    assert_nothing_lost(knack, records)
+    assert_nothing_sent_twice(esb, records)
+
+
 def put_knack_requests(knack) -> list:
     return [r for r in knack.request_log if r.method == "PUT"]
 
@@ -454,15 +466,7 @@ def test_knack_record_fetch_down_for_a_whole_run_sends_nothing(knack, esb, seed,
 
     first = bridge.run()
 
-    assert first.returncode == 1, first.output
-    no_traceback(first)
-    assert esb.received == []
-    assert put_knack_requests(knack) == []
-
-    knack.clear_faults()
-    bridge.settle()
-    assert_nothing_lost(knack, records)
-    assert_nothing_sent_twice(esb, records)
+    assert_stopped_before_sending_then_recovers(first, knack, esb, bridge, records)
 
 
 def test_knack_answers_slower_than_the_timeout(knack, esb, seed, bridge):
@@ -809,14 +813,7 @@ def test_metadata_answering_not_json(knack, esb, seed, bridge):
 
     run = bridge.run()
 
-    assert run.returncode == 1, run.output
-    no_traceback(run)
-    assert esb.received == []
-    assert put_knack_requests(knack) == []
-    knack.clear_faults()
-    bridge.settle()
-    assert_nothing_lost(knack, records)
-    assert_nothing_sent_twice(esb, records)
+    assert_stopped_before_sending_then_recovers(run, knack, esb, bridge, records)
 
 
 def test_record_fetch_answering_json_of_the_wrong_shape(knack, esb, seed, bridge):
