@@ -210,23 +210,20 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
 
     stop = _Stop()
     stop.install()
-    lock = journal = None
-    if not settings.dry_run:
-        prepare_state_dir(settings.state_dir)
-        lock = RunLock(settings.state_dir / f"{app.name}.lock")
-        if not lock.acquire():
-            log(f"another run for {app.name} is active (lock {lock.path}); this run sends nothing")
-            stop.restore()
-            return EXIT_LOCKED
-    knack = KnackClient(settings.knack_api_url, settings.knack_app_id, settings.knack_api_key,
-                        timeout=settings.esb_timeout, max_rps=settings.knack_max_rps)
-    esb = None
+    lock = journal = esb = knack = None
     summary = Summary(started=clock())
     try:
         if not settings.dry_run:
+            prepare_state_dir(settings.state_dir)
+            lock = RunLock(settings.state_dir / f"{app.name}.lock")
+            if not lock.acquire():
+                log(f"another run for {app.name} is active (lock {lock.path}); this run sends nothing")
+                return EXIT_LOCKED
             journal = Journal(settings.state_dir / f"{app.name}.journal.sqlite3")
             esb = ESBClient(settings.esb_endpoint, cert=str(settings.esb_cert), key=str(settings.esb_key),
                             verify=settings.esb_verify, timeout=settings.esb_timeout)
+        knack = KnackClient(settings.knack_api_url, settings.knack_app_id, settings.knack_api_key,
+                            timeout=settings.esb_timeout, max_rps=settings.knack_max_rps)
         try:
             _process(settings, knack, esb, journal, log, out, summary, stop, clock)
         except OutageError as exc:
@@ -238,13 +235,11 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
         return summary.exit_code()
     finally:
         stop.restore()
-        knack.close()
-        if esb is not None:
-            esb.close()
-        if journal is not None:
-            journal.close()
+        for client in (knack, esb, journal):
+            if client is not None:
+                client.close()
         if lock is not None:
-            lock.release()
+            lock.release()  # a no-op when this run never got the lock
 
 
 def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, journal: Journal | None, log: Log,
