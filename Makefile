@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test venv bench docker-smoke clean
+.PHONY: demo test lint venv bench docker-smoke clean
 
 venv: $(VENV)/.installed
 
@@ -15,16 +15,19 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 demo: venv
-	$(PY) -m knack311.simulators.demo
+	$(PY) -m simulators.demo
 
-test: venv
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv lint
 	$(PY) -m pytest
 
 bench: venv
 	$(PY) bench/backlog.py
 
 docker-smoke: venv
-	$(PY) -m knack311.simulators.docker_smoke
+	$(PY) -m simulators.docker_smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -24,10 +24,10 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from config import CONFIG  # noqa: E402
 from knack311.message import Activity, message_values, render_message  # noqa: E402
-from knack311.simulators.activities import activity_record, app_metadata  # noqa: E402
-from knack311.simulators.certs import make_pki  # noqa: E402
-from knack311.simulators.esb import ESBSimulator  # noqa: E402
-from knack311.simulators.knack_api import KnackSimulator  # noqa: E402
+from simulators.activities import activity_record, app_metadata  # noqa: E402
+from simulators.certs import make_pki  # noqa: E402
+from simulators.esb import ESBSimulator  # noqa: E402
+from simulators.knack_api import KnackSimulator  # noqa: E402
 
 APP = "data-tracker"
 APP_ID = "bench-app"

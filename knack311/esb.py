@@ -102,9 +102,9 @@ class ESBClient:
             except requests.ConnectionError as exc:
                 if _never_sent(exc):
                     raise ESBUnreachable("cannot connect to the ESB") from None
-                raise ESBUncertain(f"no answer from the ESB ({_transport_reason(exc)}); it may have the message") from None
+                raise _uncertain(exc) from None
             except (requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-                raise ESBUncertain(f"no answer from the ESB ({_transport_reason(exc)}); it may have the message") from None
+                raise _uncertain(exc) from None
             except requests.RequestException as exc:
                 raise ESBUncertain(f"ESB request failed ({type(exc).__name__}); it may have the message") from None
             fault = soap_fault(reply.content)
@@ -135,6 +135,10 @@ def _never_sent(exc: requests.ConnectionError) -> bool:
         reason = reason.reason
     # NewConnectionError (refused, unreachable, name not resolved) is a ConnectTimeoutError in urllib3
     return isinstance(reason, ConnectTimeoutError)
+
+
+def _uncertain(exc: requests.RequestException) -> ESBUncertain:
+    return ESBUncertain(f"no answer from the ESB ({_transport_reason(exc)}); it may have the message")
 
 
 def _transport_reason(exc: requests.RequestException) -> str:

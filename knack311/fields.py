@@ -54,7 +54,8 @@ def resolve_timezone(knack_name: str | None, override: str | None = None) -> Zon
         return ZoneInfo(iana)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(
-            f"unknown Knack timezone {knack_name!r}; set `timezone` (an IANA name such as 'America/Chicago') in config.py"
+            f"unknown Knack timezone {knack_name!r}; "
+            "set `timezone` (an IANA name such as 'America/Chicago') in config.py"
         ) from None
 
 

@@ -14,8 +14,9 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, TextIO
+from typing import TextIO
 from zoneinfo import ZoneInfo
 
 from .errors import ConfigError, OutageError, RecordError
@@ -56,7 +57,7 @@ class Log:
         self.out = out
 
     def __call__(self, event: str, activity: Activity | None = None, record_id: str = "", sr: str = "") -> None:
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         where = ""
         if activity is not None:
             record_id, sr = activity.record_id, activity.sr_number

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -87,7 +86,8 @@ def load_app(name: str, config: dict) -> AppConfig:
             raise ConfigError(f"{where}: 'fields' has unknown template variable {variable!r}")
         expected = r"id" if variable == "id" else r"field_\d+"
         if not isinstance(key, str) or not re.fullmatch(expected, key):
-            raise ConfigError(f"{where}: fields[{variable!r}] must be {'id' if variable == 'id' else 'a key such as field_1051'}, not {key!r}")
+            wanted = "'id'" if variable == "id" else "a key such as field_1051"
+            raise ConfigError(f"{where}: fields[{variable!r}] must be {wanted}, not {key!r}")
     codes = entry.get("activity_codes", {})
     if not isinstance(codes, dict) or not all(
             isinstance(k, str) and (v is None or (isinstance(v, str) and v.strip())) for k, v in codes.items()):
@@ -97,7 +97,8 @@ def load_app(name: str, config: dict) -> AppConfig:
         try:
             ZoneInfo(timezone)
         except (ZoneInfoNotFoundError, ValueError, TypeError):
-            raise ConfigError(f"{where}: 'timezone' {timezone!r} is not an IANA name such as 'America/Chicago'") from None
+            raise ConfigError(
+                f"{where}: 'timezone' {timezone!r} is not an IANA name such as 'America/Chicago'") from None
     return AppConfig(name=name, obj=obj, view=view, fields=dict(fields), activity_codes=dict(codes), timezone=timezone)
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from config import CONFIG
-from knack311.simulators.activities import activity_record, app_metadata
-from knack311.simulators.certs import make_pki
-from knack311.simulators.esb import ESBSimulator
-from knack311.simulators.knack_api import KnackSimulator
+from simulators.activities import activity_record, app_metadata
+from simulators.certs import make_pki
+from simulators.esb import ESBSimulator
+from simulators.knack_api import KnackSimulator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENTRY = PROJECT_ROOT / "send_esb_message.py"

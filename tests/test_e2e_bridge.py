@@ -22,8 +22,8 @@ import requests
 from lxml import etree
 
 from config import CONFIG
-from knack311.simulators.activities import app_metadata
-from knack311.simulators.esb import ACC_NS, ESBSimulator, parse_message
+from simulators.activities import app_metadata
+from simulators.esb import ACC_NS, ESBSimulator, parse_message
 from tests.conftest import API_KEY, APP_ID, PROJECT_ROOT, Seeder, make_knack, statuses
 
 APP = CONFIG["data-tracker"]
@@ -139,7 +139,7 @@ def local(y, mo, d, h, mi, tz=CHICAGO) -> dt.datetime:
 
 
 def test_happy_path_every_record_sent_with_the_agreed_message(bridge, knack, esb, seed):
-    before = dt.datetime.now(dt.timezone.utc)
+    before = dt.datetime.now(dt.UTC)
     seeded = []
     seeded += seed(sr_number="24-00010001", activity_name="Dispatch Technician", issue_status="open",
                    activity_details="Tech on the way", activity_datetime=dt.datetime(2024, 7, 4, 10, 26))
@@ -183,7 +183,7 @@ def test_happy_path_every_record_sent_with_the_agreed_message(bridge, knack, esb
         stamp = dt.datetime.fromisoformat(message["timestamp"])
         assert stamp.tzinfo is not None, message["timestamp"]
         # publication time: now, not a value taken from the record (generous bounds: no timing assertion)
-        assert before - dt.timedelta(minutes=5) <= stamp <= dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)
+        assert before - dt.timedelta(minutes=5) <= stamp <= dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
     for received in esb.received:
         header = etree.fromstring(received.body).find(f".//{{{ACC_NS}}}submitKnack/header")
         assert {tag: header.findtext(tag) for tag in ("source", "target", "data_type", "event")} == {

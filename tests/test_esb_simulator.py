@@ -10,8 +10,8 @@ import pytest
 import requests
 from lxml import etree
 
-from knack311.simulators.certs import PKIFiles, make_pki
-from knack311.simulators.esb import ACC_NS, SOAP_NS, ESBSimulator, parse_message
+from simulators.certs import PKIFiles, make_pki
+from simulators.esb import ACC_NS, SOAP_NS, ESBSimulator, parse_message
 
 TIMEOUT = 5  # seconds; every request in these tests has an explicit timeout
 
@@ -26,7 +26,7 @@ def message(record_id: str = "rec1", details: str = "Crew fixed the light &#233;
         f"<activity_details>{details}</activity_details><outcome_code>COMPLET1</outcome_code>"
         "<activity_date>2024-05-01T09:30:00</activity_date></csr></data></acc:submitKnack>"
         "</soapenv:Body></soapenv:Envelope>"
-    ).encode("utf-8")
+    ).encode()
 
 
 @pytest.fixture(scope="module")

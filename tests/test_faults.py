@@ -33,8 +33,8 @@ import pytest
 import requests
 
 from config import CONFIG
-from knack311.simulators.activities import activity_record
-from knack311.simulators.esb import ESBSimulator, parse_message
+from simulators.activities import activity_record
+from simulators.esb import ESBSimulator, parse_message
 from tests import conftest
 from tests.conftest import API_KEY, APP_ID, ENTRY, Seeder, make_knack, statuses
 
@@ -756,7 +756,7 @@ def test_sigkill_at_many_points_loses_nothing_and_duplicates_only_what_was_in_fl
                 time.sleep(rng.uniform(0.05, 2.0))
             else:  # in the middle of sending: after a few more messages, at a random point of the next one
                 target = before + rng.randint(1, 40)
-                wait_for(lambda: len(esb.received) >= target, 20, proc)
+                wait_for(lambda target=target: len(esb.received) >= target, 20, proc)
                 time.sleep(rng.uniform(0.0, 0.015))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
@@ -776,7 +776,8 @@ def test_sigkill_at_many_points_loses_nothing_and_duplicates_only_what_was_in_fl
         copies = esb.copies()
         duplicates = {rid: n - 1 for rid, n in copies.items() if n > 1}
         journal = Counter(journal_states(state_dir).values())
-        print(f"\n[sigkill] records={len(records)} (not for 311: {len(internal)}) kills={kills} duplicates={sum(duplicates.values())} "
+        print(f"\n[sigkill] records={len(records)} (not for 311: {len(internal)}) kills={kills} "
+              f"duplicates={sum(duplicates.values())} "
               f"duplicate_ids={sorted(duplicates)} reruns_to_settle={len(runs)} journal={dict(journal)}")
         for name, value in (("records", len(records)), ("kills", kills), ("duplicates", sum(duplicates.values()))):
             record_property(name, value)  # in the junit report too
@@ -944,7 +945,7 @@ def test_a_journal_that_cannot_be_opened_is_a_configuration_error_before_anythin
 
     assert run.returncode == 2, run.output
     no_traceback(run)
-    assert len([l for l in run.stderr.splitlines() if l.strip()]) == 1, run.stderr
+    assert len([line for line in run.stderr.splitlines() if line.strip()]) == 1, run.stderr
     assert "STATE_DIR" in run.output or "journal" in run.output
     assert esb.received == []
     assert put_knack_requests(knack) == []
@@ -995,7 +996,7 @@ def test_xml_injection_cannot_change_the_message_structure(knack, esb, seed, bri
     assert run.returncode == 0, run.output
     assert_nothing_sent_twice(esb, records)
     by_id = {r.record_id: parse_message(r.body) for r in esb.accepted}
-    for record, text in zip(records, INJECTIONS):
+    for record, text in zip(records, INJECTIONS, strict=True):
         message = by_id[atd(record)]
         assert message["elements"] == EXPECTED_ELEMENTS
         assert message["sr_number"] == record[f"{FIELDS['sr_number']}_raw"]
@@ -1041,7 +1042,8 @@ def test_journal_and_lock_are_owner_only_even_with_a_permissive_umask(knack, esb
     assert run.returncode == 0, run.output
     after = {p.name: mode(p) for p in state_dir.iterdir()}
 
-    print(f"\n[modes] during={ {k: oct(v) for k, v in during.items()} } after={ {k: oct(v) for k, v in after.items()} }")
+    print(f"\n[modes] during={ {k: oct(v) for k, v in during.items()} } "
+          f"after={ {k: oct(v) for k, v in after.items()} }")
     assert JOURNAL_NAME in during and LOCK_NAME in during
     assert f"{JOURNAL_NAME}-wal" in after_kill
     for snapshot in (during, after_kill, after):

@@ -16,13 +16,13 @@ import pytest
 import requests
 
 from config import CONFIG
-from knack311.simulators.activities import (
+from simulators.activities import (
     FIELD_TYPES,
     activity_record,
     app_metadata,
     random_id,
 )
-from knack311.simulators.knack_api import KnackSimulator
+from simulators.knack_api import KnackSimulator
 
 FIXTURES = Path(__file__).parent / "fixtures" / "knack"
 FIXTURE_APP_ID = "5d79512148c4af00106d1507"  # the recorded app the fixtures come from

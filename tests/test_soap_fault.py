@@ -69,7 +69,8 @@ def test_empty_or_non_xml_is_none(body):
 
 
 def test_fault_without_text_is_empty_string():
-    body = f'<e:Envelope xmlns:e="{SOAP11}"><e:Body><e:Fault><faultcode>e:Server</faultcode></e:Fault></e:Body></e:Envelope>'
+    body = (f'<e:Envelope xmlns:e="{SOAP11}"><e:Body><e:Fault><faultcode>e:Server</faultcode></e:Fault>'
+            '</e:Body></e:Envelope>')
     assert soap_fault(body.encode()) == ""
 
 
@@ -90,7 +91,7 @@ def test_fault_of_another_namespace_is_not_a_soap_fault():
 def test_non_ascii_fault_text():
     body = (f'<?xml version="1.0" encoding="UTF-8"?><e:Envelope xmlns:e="{SOAP11}"><e:Body><e:Fault>'
             "<faultcode>e:Client</faultcode><faultstring>Caf\u00e9 &#26085; &amp; co</faultstring>"
-            "</e:Fault></e:Body></e:Envelope>").encode("utf-8")
+            "</e:Fault></e:Body></e:Envelope>").encode()
     assert soap_fault(body) == "Caf\u00e9 \u65e5 & co"
 
 

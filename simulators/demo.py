@@ -1,6 +1,6 @@
 """The demo: both simulators on loopback, realistic activities, the real program over mutual TLS.
 
-    make demo        (or: .venv/bin/python -m knack311.simulators.demo)
+    make demo        (or: .venv/bin/python -m simulators.demo)
 
 Seeds a data-tracker app with activities of several service requests that exercise every rule (code
 lookup, a record's own CSR code, activities 311 does not want, an unknown activity that fails and holds the
@@ -19,12 +19,12 @@ import textwrap
 from pathlib import Path
 
 from config import CONFIG
-from knack311.simulators.activities import activity_record, app_metadata
-from knack311.simulators.certs import make_pki
-from knack311.simulators.esb import ESBSimulator, parse_message
-from knack311.simulators.knack_api import KnackSimulator
+from simulators.activities import activity_record, app_metadata
+from simulators.certs import make_pki
+from simulators.esb import ESBSimulator, parse_message
+from simulators.knack_api import KnackSimulator
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 APP = "data-tracker"
 APP_ID = "5d79512148c4af00106d1507"
 API_KEY = "demo-api-key-not-a-secret"
@@ -96,13 +96,15 @@ def main() -> int:
                 print(textwrap.indent(f"details: {m['activity_details']!r}", "      "))
             shown = [r for r in esb.accepted if r.record_id == "505"]
             if shown:
-                print("\nActivity 505 as it went on the wire (plain ASCII; the non-ASCII text as character references):")
+                print("\nActivity 505 as it went on the wire "
+                      "(plain ASCII; the non-ASCII text as character references):")
                 print(textwrap.indent(shown[0].body.decode("ascii"), "  "))
 
             status_key = config["fields"]["esb_status"]
             print("Knack now says:")
-            for record in sorted(knack.records(config["obj"]), key=lambda r: r[config["fields"]["atd_activity_id"] + "_raw"]):
-                print(f"  activity {record[config['fields']['atd_activity_id'] + '_raw']}: {record[status_key + '_raw']}")
+            atd_key = config["fields"]["atd_activity_id"] + "_raw"
+            for record in sorted(knack.records(config["obj"]), key=lambda r: r[atd_key]):
+                print(f"  activity {record[atd_key]}: {record[status_key + '_raw']}")
 
     expected = run.returncode == 1 and len(esb.accepted) == 7
     print("\nAs designed: activity 506 ('Repaint Crosswalk') has no 311 code, so it failed and stays READY_TO_SEND,"

@@ -71,7 +71,7 @@ _DATE_TIME_FORMAT = {
 
 def random_id(seed: Any) -> str:
     """A Knack-style record id (24 hex characters, like a MongoDB ObjectId), deterministic in `seed`."""
-    return hashlib.sha1(f"knack-simulator:{seed}".encode("utf-8")).hexdigest()[:24]
+    return hashlib.sha1(f"knack-simulator:{seed}".encode()).hexdigest()[:24]
 
 
 def _connection_id(text: str) -> str:
@@ -95,7 +95,7 @@ def date_time_value(local: datetime.datetime | None) -> tuple[str, Any]:
     is_pm = local.hour >= 12
     date = local.strftime("%m/%d/%Y")
     hours, minutes = f"{hours12:02d}", f"{local.minute:02d}"
-    as_if_utc = local.replace(tzinfo=datetime.timezone.utc)
+    as_if_utc = local.replace(tzinfo=datetime.UTC)
     raw = {
         "date": date,
         "date_formatted": date,

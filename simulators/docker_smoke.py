@@ -1,6 +1,6 @@
 """Docker smoke test: build the image and run it the way the scheduler does, against simulators on this host.
 
-    make docker-smoke        (or: .venv/bin/python -m knack311.simulators.docker_smoke)
+    make docker-smoke        (or: .venv/bin/python -m simulators.docker_smoke)
 
 Needs a running Docker engine (here: `bash ../shared/tools/docker-engine start`). It builds `knack-311:smoke`,
 makes a throwaway PKI, starts the Knack simulator (HTTP) and the ESB simulator (HTTPS, client certificate
@@ -26,12 +26,12 @@ import textwrap
 from pathlib import Path
 
 from config import CONFIG
-from knack311.simulators.activities import activity_record, app_metadata
-from knack311.simulators.certs import CLIENT_NAME, make_pki
-from knack311.simulators.esb import ESBSimulator, parse_message
-from knack311.simulators.knack_api import KnackSimulator
+from simulators.activities import activity_record, app_metadata
+from simulators.certs import CLIENT_NAME, make_pki
+from simulators.esb import ESBSimulator, parse_message
+from simulators.knack_api import KnackSimulator
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "knack-311:smoke"
 APP = "data-tracker"
 APP_ID = "5d79512148c4af00106d1507"

@@ -176,7 +176,7 @@ class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 keep-alive, like the real API, so a client's connection pool is exercised.
     protocol_version = "HTTP/1.1"
     server_version = "KnackSimulator/1.0"
-    server: "_Server"
+    server: _Server
 
     def setup(self) -> None:
         super().setup()
@@ -202,7 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    simulator: "KnackSimulator"
+    simulator: KnackSimulator
 
     def handle_error(self, request, client_address) -> None:
         # Clients that time out or go away mid-answer are expected in fault tests: stay quiet about
@@ -253,7 +253,7 @@ class KnackSimulator:
             raise RuntimeError("the Knack simulator is not started")
         return f"http://{self.host}:{self.port}/v1"
 
-    def start(self) -> "KnackSimulator":
+    def start(self) -> KnackSimulator:
         if self._server is None:
             self._server = _Server((self.host, self.port), _Handler)
             self._server.simulator = self
@@ -282,7 +282,7 @@ class KnackSimulator:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "KnackSimulator":
+    def __enter__(self) -> KnackSimulator:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:
