@@ -64,8 +64,8 @@ def message_values(activity: Activity, activity_codes: dict[str, str | None]) ->
         # 311 closes duplicates as resolved; Knack keeps its own value
         status = "closed_resolved"
     return {
+        "id": activity.record_id,
         "emi_id": activity.emi_id,
-        "atd_activity_id": activity.atd_activity_id,
         "csr_activity_id": activity.csr_activity_id,
         "sr_number": activity.sr_number,
         "issue_status_code": status,

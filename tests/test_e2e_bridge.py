@@ -89,8 +89,16 @@ def ids(received) -> list[str]:
     return [parse_message(r.body)["id"] for r in received]
 
 
-def atd(record: dict) -> str:
-    return str(record[f"{FIELDS['atd_activity_id']}_raw"])
+def msg_id(record: dict) -> str:
+    """The id a message carries for this record (data/csr/id is the Knack record id, ../shared/MESSAGE.md)."""
+    return record["id"]
+
+
+def activity_ids(received, knack, app: str = "data-tracker") -> list[str]:
+    """The atd_activity_id of each received message's record, in arrival order (311's order is checked on these)."""
+    key = f"{CONFIG[app]['fields']['atd_activity_id']}_raw"
+    by_record = {r["id"]: str(r[key]) for r in knack.records(CONFIG[app]["obj"])}
+    return [by_record.get(record_id, "?") for record_id in ids(received)]
 
 
 def request_kinds(knack) -> list[str]:
@@ -153,20 +161,20 @@ def test_happy_path_every_record_sent_with_the_agreed_message(bridge, knack, esb
     seeded += seed(sr_number="24-00030003", activity_name="311 Feedback", issue_status="open",
                    activity_details="", activity_datetime=dt.datetime(2024, 12, 31, 23, 59))
     expected_dates = {
-        atd(seeded[0]): local(2024, 7, 4, 10, 26), atd(seeded[1]): local(2024, 7, 4, 14, 5),
-        atd(seeded[2]): local(2024, 7, 5, 9, 0), atd(seeded[3]): local(2024, 1, 15, 16, 45),
-        atd(seeded[4]): local(2024, 12, 31, 23, 59),
+        msg_id(seeded[0]): local(2024, 7, 4, 10, 26), msg_id(seeded[1]): local(2024, 7, 4, 14, 5),
+        msg_id(seeded[2]): local(2024, 7, 5, 9, 0), msg_id(seeded[3]): local(2024, 1, 15, 16, 45),
+        msg_id(seeded[4]): local(2024, 12, 31, 23, 59),
     }
 
     result = bridge()
 
     assert result.returncode == 0, result.output
     assert statuses(knack) == {r["id"]: "SENT" for r in seeded}
-    assert sorted(ids(esb.accepted)) == sorted(atd(r) for r in seeded)
+    assert sorted(ids(esb.accepted)) == sorted(msg_id(r) for r in seeded)
     assert set(esb.copies().values()) == {1}
     by_id = {m["id"]: m for m in messages(esb.accepted)}
     for record in seeded:
-        message = by_id[atd(record)]
+        message = by_id[msg_id(record)]
         raw = {var: record.get(f"{key}_raw", "") for var, key in FIELDS.items() if var != "id"}
         assert message["elements"] == MESSAGE_ELEMENTS
         assert message["emi"] == raw["emi_id"]
@@ -177,7 +185,7 @@ def test_happy_path_every_record_sent_with_the_agreed_message(bridge, knack, esb
         assert message["activity_details"] == raw["activity_details"]
         assert message["outcome_code"] == "COMPLET1"
         date = dt.datetime.fromisoformat(message["activity_date"])
-        expected = expected_dates[atd(record)]
+        expected = expected_dates[msg_id(record)]
         assert date.utcoffset() == expected.utcoffset()
         assert date.replace(tzinfo=None) == expected.replace(tzinfo=None)
         stamp = dt.datetime.fromisoformat(message["timestamp"])
@@ -218,7 +226,7 @@ def test_csr_activity_code_on_the_record_wins_over_the_activity_name(bridge, kna
     result = bridge()
     assert result.returncode == 0, result.output
     codes = {m["id"]: m["activity_type_code"] for m in messages(esb.accepted)}
-    assert codes == {atd(with_code): "CUSTOM01", atd(by_name): "DISPTECH", atd(code_no_name): "ADJVIDDE"}
+    assert codes == {msg_id(with_code): "CUSTOM01", msg_id(by_name): "DISPTECH", msg_id(code_no_name): "ADJVIDDE"}
     assert set(statuses(knack).values()) == {"SENT"}
 
 
@@ -227,7 +235,7 @@ def test_activity_not_for_311_is_set_do_not_send_and_never_posted(bridge, knack,
     [normal] = seed(activity_name="Identify Asset")
     result = bridge()
     assert result.returncode == 0, result.output
-    assert ids(esb.received) == [atd(normal)]
+    assert ids(esb.received) == [msg_id(normal)]
     assert statuses(knack) == {**{r["id"]: "DO_NOT_SEND" for r in internal}, normal["id"]: "SENT"}
 
 
@@ -238,7 +246,7 @@ def test_unknown_activity_name_fails_that_record_only(bridge, knack, esb, seed):
     result = bridge()
     assert result.returncode == 1, result.output
     assert statuses(knack) == {unknown["id"]: "READY_TO_SEND", **{r["id"]: "SENT" for r in others}}
-    assert sorted(ids(esb.received)) == sorted(atd(r) for r in others)
+    assert sorted(ids(esb.received)) == sorted(msg_id(r) for r in others)
     assert lines_naming(result.output, unknown["id"]), result.output
     assert {m["activity_type_code"] for m in messages(esb.accepted)} == {"RETOMOMC", "MONISSRE"}
 
@@ -249,9 +257,9 @@ def test_closed_duplicate_is_sent_as_closed_resolved_and_knack_keeps_its_value(b
     result = bridge()
     assert result.returncode == 0, result.output
     sent = {m["id"]: m for m in messages(esb.accepted)}
-    assert sent[atd(duplicate)]["issue_status_code"] == "closed_resolved"
-    assert sent[atd(duplicate)]["activity_type_code"] == "CLOIS001"
-    assert sent[atd(resolved)]["issue_status_code"] == "closed_resolved"
+    assert sent[msg_id(duplicate)]["issue_status_code"] == "closed_resolved"
+    assert sent[msg_id(duplicate)]["activity_type_code"] == "CLOIS001"
+    assert sent[msg_id(resolved)]["issue_status_code"] == "closed_resolved"
     status_key = FIELDS["issue_status_code_snapshot"]
     assert knack.record(OBJ, duplicate["id"])[f"{status_key}_raw"] == "closed_duplicate"
     assert all(set(changes) == {FIELDS["esb_status"]} for _, _, changes in knack.updates), knack.updates
@@ -264,7 +272,7 @@ def test_records_reach_the_esb_in_ascending_activity_id_order(bridge, knack, esb
         seed(atd_activity_id=number, sr_number=sr)
     result = bridge()
     assert result.returncode == 0, result.output
-    assert ids(esb.received) == ["5", "99", "998", "1001", "1002", "10000"]
+    assert activity_ids(esb.received, knack) == ["5", "99", "998", "1001", "1002", "10000"]
 
 
 def test_a_failed_activity_holds_the_later_ones_of_its_sr_then_a_rerun_sends_them_in_order(bridge, knack, esb,
@@ -281,15 +289,15 @@ def test_a_failed_activity_holds_the_later_ones_of_its_sr_then_a_rerun_sends_the
     assert first.returncode == 1, first.output
     assert statuses(knack) == {a1["id"]: "READY_TO_SEND", a2["id"]: "READY_TO_SEND", a3["id"]: "READY_TO_SEND",
                                b1["id"]: "SENT", b2["id"]: "SENT"}
-    assert ids(esb.received) == ["2001", "2002", "2004"]  # a2 and a3 were never posted
+    assert activity_ids(esb.received, knack) == ["2001", "2002", "2004"]  # a2 and a3 were never posted
     assert lines_naming(first.output, a1["id"])
 
     second = bridge()  # the ESB is healthy again
 
     assert second.returncode == 0, second.output
     assert set(statuses(knack).values()) == {"SENT"}
-    assert ids(esb.received) == ["2001", "2002", "2004", "2001", "2003", "2005"]
-    assert ids(esb.accepted) == ["2002", "2004", "2001", "2003", "2005"]
+    assert activity_ids(esb.received, knack) == ["2001", "2002", "2004", "2001", "2003", "2005"]
+    assert activity_ids(esb.accepted, knack) == ["2002", "2004", "2001", "2003", "2005"]
     assert set(esb.copies().values()) == {1}
 
 
@@ -302,14 +310,14 @@ def test_an_unknown_activity_holds_its_sr_until_staff_give_it_a_code(bridge, kna
 
     assert first.returncode == 1, first.output
     assert statuses(knack) == {c1["id"]: "READY_TO_SEND", c2["id"]: "READY_TO_SEND", d1["id"]: "SENT"}
-    assert ids(esb.received) == ["3003"]
+    assert activity_ids(esb.received, knack) == ["3003"]
 
     staff_edit(knack, c1["id"], {FIELDS["csr_activity_code"]: "COORINTE"})
     second = bridge()
 
     assert second.returncode == 0, second.output
     assert set(statuses(knack).values()) == {"SENT"}
-    assert ids(esb.received) == ["3003", "3001", "3002"]
+    assert activity_ids(esb.received, knack) == ["3003", "3001", "3002"]
     assert parse_message(esb.received[1].body)["activity_type_code"] == "COORINTE"
 
 
@@ -333,7 +341,7 @@ def test_awkward_text_arrives_escaped_ascii_and_intact(bridge, knack, esb, seed)
     assert len(esb.received) == 2
     for received in esb.received:
         assert received.body.isascii()
-    [message] = [m for m in messages(esb.accepted) if m["id"] == atd(record)]
+    [message] = [m for m in messages(esb.accepted) if m["id"] == msg_id(record)]
     assert message["elements"] == MESSAGE_ELEMENTS
     assert message["activity_details"] == FORBIDDEN.sub("", AWKWARD)
     assert message["emi"] == "EMI-&<7>"
@@ -370,7 +378,7 @@ def test_activity_dates_carry_the_central_offset_of_their_day(bridge, knack, esb
     by_atd = {}
     for name, (wall_clock, offsets) in cases.items():
         [record] = seed(activity_datetime=wall_clock)
-        by_atd[atd(record)] = (name, wall_clock, offsets)
+        by_atd[msg_id(record)] = (name, wall_clock, offsets)
     result = bridge()
     assert result.returncode == 0, result.output
     for message in messages(esb.accepted):
@@ -420,7 +428,7 @@ def test_dry_run_reads_every_page_past_1000_and_changes_nothing(bridge, knack, e
     assert result.returncode == 0, result.output[-2000:]
     documents = _documents(result.stdout)
     assert len(documents) == 2100
-    assert {d["id"] for d in documents} == {atd(r) for r in seeded}
+    assert {d["id"] for d in documents} == {msg_id(r) for r in seeded}
     assert puts(knack) == []
     assert request_kinds(knack).count("records") >= 3
     assert esb.received == []
@@ -435,7 +443,7 @@ def test_a_real_run_reads_all_pages_before_changing_a_status(bridge, knack, esb,
     assert result.returncode == 0, result.output
     assert statuses(knack) == {r["id"]: "SENT" for r in seeded}
     copies = esb.copies()
-    assert set(copies) == {atd(r) for r in seeded}
+    assert set(copies) == {msg_id(r) for r in seeded}
     assert set(copies.values()) == {1}
     kinds = request_kinds(knack)
     assert kinds.count("records") >= 4
@@ -478,7 +486,7 @@ def test_knack_trouble_is_retried_and_every_record_is_sent_once(bridge, knack, e
     assert expected in [r.status for r in knack.request_log]
     assert result.returncode == 0, result.output
     assert statuses(knack) == {r["id"]: "SENT" for r in seeded}
-    assert esb.copies() == {atd(r): 1 for r in seeded}
+    assert esb.copies() == {msg_id(r): 1 for r in seeded}
 
 
 def test_knack_down_for_the_records_read_stops_the_run_without_sending(bridge, knack, esb, seed):
@@ -501,8 +509,8 @@ def test_esb_503_twice_then_ok_is_sent_on_the_third_attempt(bridge, knack, esb, 
     result = bridge()
     assert result.returncode == 0, result.output
     assert [r.status for r in esb.received] == [503, 503, 200]
-    assert ids(esb.received) == [atd(record)] * 3
-    assert esb.copies() == {atd(record): 1}
+    assert ids(esb.received) == [msg_id(record)] * 3
+    assert esb.copies() == {msg_id(record): 1}
     assert statuses(knack) == {record["id"]: "SENT"}
 
 
@@ -521,9 +529,9 @@ def test_an_esb_rejection_fails_that_record_without_retry(bridge, knack, esb, se
     esb.inject(**rejection)  # the first message, the lowest activity id
     result = bridge()
     assert result.returncode == 1, result.output
-    assert ids(esb.received).count(atd(rejected)) == 1
+    assert ids(esb.received).count(msg_id(rejected)) == 1
     assert statuses(knack) == {rejected["id"]: "READY_TO_SEND", **{r["id"]: "SENT" for r in others}}
-    assert esb.copies() == {atd(r): 1 for r in others}
+    assert esb.copies() == {msg_id(r): 1 for r in others}
     assert lines_naming(result.output, rejected["id"]), result.output
 
 
@@ -615,7 +623,7 @@ def test_verification_off_on_explicit_request_delivers_with_a_warning(bridge, kn
     seeded = seed(2)
     result = bridge(env={"ESB_ENDPOINT": rogue_esb.url, "ESB_VERIFY_TLS": "false"})
     assert result.returncode == 0, result.output
-    assert sorted(ids(rogue_esb.accepted)) == sorted(atd(r) for r in seeded)
+    assert sorted(ids(rogue_esb.accepted)) == sorted(msg_id(r) for r in seeded)
     assert statuses(knack) == {r["id"]: "SENT" for r in seeded}
     assert lines_naming(result.output, "ESB_VERIFY_TLS")
 
@@ -714,11 +722,11 @@ def test_dry_run_prints_every_message_and_changes_nothing(bridge, knack, esb, se
     result = bridge("--dry-run")
     assert result.returncode == 0, result.output
     documents = {d["id"]: d for d in _documents(result.stdout)}
-    assert set(documents) == {atd(r) for r in seeded}
+    assert set(documents) == {msg_id(r) for r in seeded}
     for record in seeded:
-        assert documents[atd(record)]["emi"] == record[f"{FIELDS['emi_id']}_raw"]
-        assert documents[atd(record)]["elements"] == MESSAGE_ELEMENTS
-    assert documents[atd(seeded[-1])]["activity_details"] == "caf\u00e9 & <tea>"
+        assert documents[msg_id(record)]["emi"] == record[f"{FIELDS['emi_id']}_raw"]
+        assert documents[msg_id(record)]["elements"] == MESSAGE_ELEMENTS
+    assert documents[msg_id(seeded[-1])]["activity_details"] == "caf\u00e9 & <tea>"
     assert puts(knack) == []
     assert esb.received == [] and esb.handshake_failures == 0
     assert statuses(knack)[internal["id"]] == "READY_TO_SEND"
@@ -762,16 +770,16 @@ def test_signs_markings_sends_connection_identifiers_and_its_own_codes(bridge, k
     assert result.returncode == 0, result.output
     assert statuses(knack, "signs-markings") == {repair["id"]: "SENT", crew["id"]: "SENT",
                                                  image["id"]: "DO_NOT_SEND", email["id"]: "SENT"}
-    atd_key = f"{SIGNS['fields']['atd_activity_id']}_raw"
     sent = {m["id"]: m for m in messages(esb.accepted)}
-    assert set(sent) == {str(r[atd_key]) for r in (repair, crew, email)}
-    assert sent[str(repair[atd_key])]["sr_number"] == "24-00451234"
-    assert sent[str(repair[atd_key])]["activity_type_code"] == "TRREPSGN"
-    assert sent[str(repair[atd_key])]["activity_details"] == "New stop sign"
-    assert sent[str(crew[atd_key])]["activity_type_code"] == "DISPATC2"
-    assert sent[str(crew[atd_key])]["issue_status_code"] == "closed_resolved"
-    assert sent[str(email[atd_key])]["activity_type_code"] == "CONTACT"
-    assert ids(esb.received) == sorted(sent, key=int)
+    assert set(sent) == {r["id"] for r in (repair, crew, email)}
+    assert sent[repair["id"]]["sr_number"] == "24-00451234"
+    assert sent[repair["id"]]["activity_type_code"] == "TRREPSGN"
+    assert sent[repair["id"]]["activity_details"] == "New stop sign"
+    assert sent[crew["id"]]["activity_type_code"] == "DISPATC2"
+    assert sent[crew["id"]]["issue_status_code"] == "closed_resolved"
+    assert sent[email["id"]]["activity_type_code"] == "CONTACT"
+    order = activity_ids(esb.received, knack, "signs-markings")
+    assert order == sorted(order, key=int)
     for message in sent.values():
         assert "span" not in message["sr_number"]
         assert dt.datetime.fromisoformat(message["activity_date"]).utcoffset() == dt.timedelta(hours=-5)

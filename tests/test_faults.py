@@ -203,9 +203,9 @@ def build_record(n: int, **values) -> dict:
     return activity_record(CONFIG[APP], app_name=APP, omit_empty_raw=True, **fields)
 
 
-def atd(record: dict) -> str:
-    """The message id the ESB simulator counts copies by (data/csr/id = atd_activity_id)."""
-    return str(record[f"{ATD}_raw"])
+def msg_id(record: dict) -> str:
+    """The message id the ESB simulator counts copies by (data/csr/id = the Knack record id)."""
+    return record["id"]
 
 
 def status_of(knack, record: dict) -> str:
@@ -223,7 +223,7 @@ def assert_nothing_sent_twice(esb, records: list[dict], *, may_duplicate=(), max
     """Each record's message accepted exactly once; extra copies only for ids in may_duplicate, at most
     max_duplicates in all. Returns the duplicates (id -> extra copies) and prints them."""
     copies = esb.copies()
-    expected = {atd(r) for r in records} - {atd(r) for r in not_sent}
+    expected = {msg_id(r) for r in records} - {msg_id(r) for r in not_sent}
     assert set(copies) <= expected, f"messages that should never have gone: {set(copies) - expected}"
     missing = expected - set(copies)
     assert not missing, f"never delivered to the ESB: {sorted(missing)}"
@@ -330,7 +330,7 @@ def test_put_failing_for_the_whole_of_two_tries_is_set_by_the_next_run_without_r
     assert first.returncode == 1, first.output
     assert status_of(knack, records[0]) == READY
     assert journal_states(state_dir)[records[0]["id"]] == "delivered"
-    assert esb.copies()[atd(records[0])] == 1
+    assert esb.copies()[msg_id(records[0])] == 1
 
     bridge.settle()
     assert_nothing_lost(knack, records)
@@ -567,14 +567,14 @@ def test_esb_timeout_leaves_the_outcome_unknown_and_the_next_run_resends(knack, 
     assert first.returncode == 1, first.output
     no_traceback(first)
     assert status_of(knack, records[0]) == READY  # never marked SENT without an answer
-    assert esb.copies()[atd(records[0])] == 1  # ... although the ESB has it
+    assert esb.copies()[msg_id(records[0])] == 1  # ... although the ESB has it
     assert [status_of(knack, r) for r in records[1:]] == [SENT, SENT]
 
     bridge.settle(env=env)
     assert_nothing_lost(knack, records)
     # the one allowed duplicate: the answer was lost, so the message went again
-    dups = assert_nothing_sent_twice(esb, records, may_duplicate={atd(records[0])}, max_duplicates=1)
-    assert dups == {atd(records[0]): 1}
+    dups = assert_nothing_sent_twice(esb, records, may_duplicate={msg_id(records[0])}, max_duplicates=1)
+    assert dups == {msg_id(records[0]): 1}
 
 
 def test_esb_timeout_is_journalled_as_unknown_and_the_resend_warns(knack, esb, seed, bridge, state_dir):
@@ -680,7 +680,7 @@ def test_a_run_past_its_time_budget_defers_the_rest_and_exits_0(knack, esb, seed
     assert run.count("deferred") == len(ready)
     assert run.count("failed") == 0 and run.count("sent") == len(sent)
     # the deferred records were never posted
-    assert set(esb.copies()) == {atd(r) for r in sent}
+    assert set(esb.copies()) == {msg_id(r) for r in sent}
 
     esb.latency = 0.0
     bridge.settle()
@@ -703,7 +703,7 @@ def test_a_signal_in_the_middle_finishes_the_record_in_hand_and_stops(knack, esb
     assert signal.Signals(signum).name in run.summary()
     now = statuses(knack)
     # the record in hand was finished: whatever the ESB accepted is SENT in Knack, and the rest was left alone
-    assert {r.record_id for r in esb.accepted} == {atd(r) for r in records if now[r["id"]] == SENT}
+    assert {r.record_id for r in esb.accepted} == {msg_id(r) for r in records if now[r["id"]] == SENT}
     assert 3 <= sum(1 for r in records if now[r["id"]] == SENT) < len(records)
 
     esb.latency = 0.0
@@ -718,7 +718,7 @@ def test_sigterm_does_not_start_retrying_other_records(knack, esb, seed, bridge,
     knack.inject("PUT", records[0]["id"], status=503, count=1000, retry_after=1)  # its update keeps failing
     esb.latency = 0.3
     proc = bridge.start()
-    assert wait_for(lambda: atd(records[1]) in {r.record_id for r in esb.received}, 30, proc)
+    assert wait_for(lambda: msg_id(records[1]) in {r.record_id for r in esb.received}, 30, proc)
 
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -782,7 +782,7 @@ def test_sigkill_at_many_points_loses_nothing_and_duplicates_only_what_was_in_fl
         for name, value in (("records", len(records)), ("kills", kills), ("duplicates", sum(duplicates.values()))):
             record_property(name, value)  # in the junit report too
         assert kills >= 15, f"only {kills} kills landed; the loop should kill most runs"
-        assert set(copies) == {atd(r) for r in records if r not in internal}
+        assert set(copies) == {msg_id(r) for r in records if r not in internal}
         assert sum(duplicates.values()) <= kills
         assert set(duplicates) <= in_flight, (
             f"duplicates {sorted(set(duplicates) - in_flight)} were not the message in flight at any kill")
@@ -844,7 +844,7 @@ def test_a_record_missing_a_configured_field_fails_alone(knack, esb, seed, bridg
     assert run.count("failed") == 1
     assert status_of(knack, broken) == READY
     assert all(status_of(knack, r) == SENT for r in good + more)
-    assert atd(broken) not in esb.copies()
+    assert msg_id(broken) not in esb.copies()
     assert_nothing_sent_twice(esb, good + more)
 
 
@@ -869,7 +869,7 @@ def test_a_date_that_is_not_a_date_fails_that_record_only(knack, esb, seed, brid
     assert run.count("failed") == 1
     assert status_of(knack, broken) == READY
     assert all(status_of(knack, r) == SENT for r in good)
-    assert esb.received and all(r.record_id != atd(broken) for r in esb.received)
+    assert esb.received and all(r.record_id != msg_id(broken) for r in esb.received)
     assert_nothing_sent_twice(esb, good)
 
 
@@ -886,7 +886,7 @@ def test_an_unreadable_record_holds_the_later_activities_of_its_sr(knack, esb, b
     assert run.count("failed") == 1 and run.count("held") == 1
     assert status_of(knack, broken) == READY and status_of(knack, later) == READY  # 311's order is kept
     assert status_of(knack, other) == SENT
-    assert [r.record_id for r in esb.received] == [atd(other)]
+    assert [r.record_id for r in esb.received] == [msg_id(other)]
 
 
 # ================================================================================================================
@@ -903,8 +903,8 @@ def test_staff_setting_a_sent_record_back_to_ready_sends_it_again(knack, esb, se
 
     assert again.returncode == 0, again.output
     assert again.count("sent") == 1
-    assert esb.copies()[atd(records[0])] == 2  # by request: that is how staff ask for a resend
-    assert esb.copies()[atd(records[1])] == 1
+    assert esb.copies()[msg_id(records[0])] == 2  # by request: that is how staff ask for a resend
+    assert esb.copies()[msg_id(records[1])] == 1
     assert_nothing_lost(knack, records)
 
 
@@ -924,7 +924,7 @@ def test_staff_resend_after_a_run_that_died_before_closing_the_journal_entry(kna
     bridge.settle()
 
     assert_nothing_lost(knack, records)
-    assert esb.copies()[atd(records[0])] == 2, "the staff's resend request was not honoured"
+    assert esb.copies()[msg_id(records[0])] == 2, "the staff's resend request was not honoured"
 
 
 @pytest.mark.parametrize("how", ["under-a-file", "corrupt-journal"])
@@ -997,12 +997,12 @@ def test_xml_injection_cannot_change_the_message_structure(knack, esb, seed, bri
     assert_nothing_sent_twice(esb, records)
     by_id = {r.record_id: parse_message(r.body) for r in esb.accepted}
     for record, text in zip(records, INJECTIONS, strict=True):
-        message = by_id[atd(record)]
+        message = by_id[msg_id(record)]
         assert message["elements"] == EXPECTED_ELEMENTS
         assert message["sr_number"] == record[f"{FIELDS['sr_number']}_raw"]
         assert message["activity_details"] == text  # carried as text, exactly as typed
     for record in records[len(INJECTIONS):]:
-        message = by_id[atd(record)]
+        message = by_id[msg_id(record)]
         assert message["elements"] == EXPECTED_ELEMENTS
         assert message["sr_number"] == record[f"{FIELDS['sr_number']}_raw"]
         assert message["emi"] == record[f"{FIELDS['emi_id']}_raw"]

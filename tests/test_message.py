@@ -134,8 +134,8 @@ def test_issue_status_override(status, expected):
 def test_message_values_carry_the_activity():
     activity = dataclasses.replace(ACTIVITY, csr_activity_id="CSR-9")
     assert message_values(activity, CODES) == {
+        "id": ACTIVITY.record_id,
         "emi_id": "EMI-42",
-        "atd_activity_id": "ACT-000123",
         "csr_activity_id": "CSR-9",
         "sr_number": "24-00012345",
         "issue_status_code": "in_progress",
@@ -154,7 +154,7 @@ def test_rendered_message_shape_and_values():
     assert root.tag == f"{{{SOAP}}}Envelope"
     expected = {
         "emi": "EMI-42", "timestamp": TIMESTAMP, "source": "KNACK", "target": "CSR", "data_type": "CSR",
-        "event": "UPDATE", "id": "ACT-000123", "csr_activity_id": "", "sr_number": "24-00012345",
+        "event": "UPDATE", "id": "5d7964422d7159001659b27a", "csr_activity_id": "", "sr_number": "24-00012345",
         "issue_status_code": "closed_resolved", "activity_type_code": "DISPTECH",
         "activity_details": "Crew dispatched", "outcome_code": "COMPLET1",
         "activity_date": "2018-07-03T10:26:00-05:00",
@@ -189,11 +189,11 @@ AWKWARD = [
 
 
 @pytest.mark.parametrize("text", AWKWARD)
-@pytest.mark.parametrize("field", ["activity_details", "sr_number", "emi_id", "atd_activity_id", "csr_activity_id"])
+@pytest.mark.parametrize("field", ["activity_details", "sr_number", "emi_id", "record_id", "csr_activity_id"])
 def test_awkward_text_round_trips(field, text):
     root = assert_structure(render(dataclasses.replace(ACTIVITY, **{field: text})))
     element = {"activity_details": "activity_details", "sr_number": "sr_number", "emi_id": "emi",
-               "atd_activity_id": "id", "csr_activity_id": "csr_activity_id"}[field]
+               "record_id": "id", "csr_activity_id": "csr_activity_id"}[field]
     assert text_of(root, element) == text
 
 
@@ -252,7 +252,7 @@ SHOWN_AS = {
     "activity_details": "activity_details",
     "sr_number": "sr_number",
     "emi_id": "emi",
-    "atd_activity_id": "id",
+    "record_id": "id",
     "csr_activity_id": "csr_activity_id",
     "activity_date": "activity_date",
     "issue_status_code": "issue_status_code",
