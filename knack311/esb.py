@@ -17,6 +17,7 @@ from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ReadTimeoutEr
 from urllib3.util.retry import Retry
 
 from .errors import RecordError
+from .stopping import Stop
 
 SOAP11_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 SOAP12_NS = "http://www.w3.org/2003/05/soap-envelope"
@@ -61,8 +62,9 @@ def soap_fault(body: bytes) -> str | None:
 
 class ESBClient:
     def __init__(self, endpoint: str, *, cert: str, key: str, verify: bool | str, timeout: float,
-                 attempts: int = 3, backoff: float = 0.5):
+                 attempts: int = 3, backoff: float = 0.5, stop: Stop | None = None):
         self._endpoint = endpoint
+        self._stop = stop
         self._timeout = (min(10.0, timeout), timeout)
         self._attempts = attempts
         self._backoff = backoff

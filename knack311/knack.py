@@ -17,6 +17,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from .errors import ConfigError, OutageError
+from .stopping import Stop
 
 READY_TO_SEND = "READY_TO_SEND"
 SENT = "SENT"
@@ -80,9 +81,10 @@ class AppSchema:
 
 class KnackClient:
     def __init__(self, api_url: str, app_id: str, api_key: str, *, timeout: float = 30.0,
-                 max_rps: float = 8.0, retry: Retry | None = None):
+                 max_rps: float = 8.0, retry: Retry | None = None, stop: Stop | None = None):
         self._base = api_url.rstrip("/")
         self._app_id = app_id
+        self._stop = stop
         self._timeout = (min(10.0, timeout), timeout)
         self._session = requests.Session()
         self._session.headers.update({

@@ -11,7 +11,6 @@ import datetime as dt
 import enum
 import hashlib
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from .journal import DELIVERED, DONE, SENDING, Journal, RunLock, prepare_state_d
 from .knack import DO_NOT_SEND, SENT, KnackClient
 from .message import Activity, NotFor311, message_values, render_message
 from .settings import Settings
+from .stopping import Stop
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 75
 ESB_OUTAGE_AFTER = 3    # records in a row that could not reach the ESB: stop instead of waiting out each one
@@ -170,25 +170,6 @@ class Summary:
         return EXIT_FAILED if trouble else EXIT_OK
 
 
-class _Stop:
-    """SIGTERM/SIGINT: finish the record in hand, then stop cleanly."""
-
-    def __init__(self):
-        self.signal_name = ""
-        self._previous: dict[int, object] = {}
-
-    def install(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._handle)
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum, _frame) -> None:
-        self.signal_name = signal.Signals(signum).name
-
-
 def _values_hash(values: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
@@ -209,10 +190,10 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
     if settings.esb_verify is False:
         log("WARNING: ESB_VERIFY_TLS=false: the ESB's certificate is NOT verified")
 
-    stop = _Stop()
+    stop = Stop(max_runtime=settings.max_runtime, request_timeout=settings.esb_timeout, clock=clock)
     stop.install()
     lock = journal = esb = knack = None
-    summary = Summary(started=clock())
+    summary = Summary(started=stop.started)
     try:
         if not settings.dry_run:
             prepare_state_dir(settings.state_dir)
@@ -222,11 +203,11 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
                 return EXIT_LOCKED
             journal = Journal(settings.state_dir / f"{app.name}.journal.sqlite3")
             esb = ESBClient(settings.esb_endpoint, cert=str(settings.esb_cert), key=str(settings.esb_key),
-                            verify=settings.esb_verify, timeout=settings.esb_timeout)
+                            verify=settings.esb_verify, timeout=settings.esb_timeout, stop=stop)
         knack = KnackClient(settings.knack_api_url, settings.knack_app_id, settings.knack_api_key,
-                            timeout=settings.esb_timeout, max_rps=settings.knack_max_rps)
+                            timeout=settings.esb_timeout, max_rps=settings.knack_max_rps, stop=stop)
         try:
-            _process(settings, knack, esb, journal, log, out, summary, stop, clock)
+            _process(settings, knack, esb, journal, log, out, summary, stop)
         except OutageError as exc:
             summary.stop_reason = str(exc)
             log(f"ERROR: {exc}")
@@ -244,7 +225,7 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
 
 
 def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, journal: Journal | None, log: Log,
-             out: TextIO, summary: Summary, stop: _Stop, clock: Callable[[], float]) -> None:
+             out: TextIO, summary: Summary, stop: Stop) -> None:
     app = settings.app
     schema = knack.app_schema(app.obj, app.view)
     missing = [f"{key} ({variable})" for variable, key in app.fields.items()
@@ -263,13 +244,12 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
             log(f"{closed} journal entr{'y' if closed == 1 else 'ies'} closed: Knack already says SENT")
 
     sender = RecordSender(settings, knack, esb, journal, tz, log, out)
-    deadline = summary.started + settings.max_runtime
     failed_srs: set[str] = set()
     unmarked: list[tuple[Activity, Result]] = []
     esb_down_streak = knack_down_streak = 0
 
     for index, record in enumerate(records):
-        if stop.signal_name or clock() >= deadline or summary.stop_reason:
+        if not stop.work_time_left() or summary.stop_reason:
             left = len(records) - index
             if stop.signal_name:
                 summary.not_attempted += left
@@ -321,7 +301,7 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
 
     # One more try for the status updates that failed: the ESB has these messages, so they are not resent.
     # Not after a signal, past the budget or with Knack down: the journal lets the next run do it.
-    retry_now = not (stop.signal_name or clock() >= deadline or knack_down_streak >= KNACK_OUTAGE_AFTER)
+    retry_now = stop.work_time_left() and knack_down_streak < KNACK_OUTAGE_AFTER
     for activity, result in unmarked:
         if retry_now:
             result = sender.mark(activity, result.status)

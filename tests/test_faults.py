@@ -996,7 +996,7 @@ def test_xml_injection_cannot_change_the_message_structure(knack, esb, seed, bri
     assert run.returncode == 0, run.output
     assert_nothing_sent_twice(esb, records)
     by_id = {r.record_id: parse_message(r.body) for r in esb.accepted}
-    for record, text in zip(records, INJECTIONS, strict=True):
+    for record, text in zip(records[:len(INJECTIONS)], INJECTIONS, strict=True):
         message = by_id[msg_id(record)]
         assert message["elements"] == EXPECTED_ELEMENTS
         assert message["sr_number"] == record[f"{FIELDS['sr_number']}_raw"]
