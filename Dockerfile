@@ -1,9 +1,9 @@
 # knack-311: sends Knack 311 activities to the ESB. The scheduler runs one container per app every few minutes:
 #
-#   docker run --rm --network host \
-#     --env-file /etc/knack311/knack311.env \
-#     -v /etc/knack311/certs:/certs:ro \
-#     -v knack311-state:/app/state \
+#   docker run --rm --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
+#     --env-file /etc/knack-311/knack-311.env \
+#     -v /etc/knack-311/certs:/certs:ro \
+#     -v knack-311-state:/app/state \
 #     knack-311 data-tracker
 #
 # Nothing secret is in the image. Supplied at run time:
@@ -13,27 +13,60 @@
 #   by that uid: `chown 10001 esb.pem && chmod 0400 esb.pem`, or a group the operators share with mode 0440
 #   and `--group-add GID` on the run line;
 # - the state: STATE_DIR defaults to /app/state (state/ in the project root), where the delivery journal and the
-#   run lock live. Mount a volume there, or every run forgets what it delivered and two overlapping runs do not
-#   see each other's lock. A named volume takes the ownership of /app/state (uid 10001) on first use; a host
-#   directory must be owned by uid 10001 (`chown 10001 /var/lib/knack311/state && chmod 0700 ...`).
+#   run lock live. Mount the knack-311-state volume there, or every run forgets what it delivered (and may send
+#   a message twice) and two overlapping runs do not see each other's lock. A named volume takes the ownership
+#   of /app/state (uid 10001) on first use; a host directory must be owned by uid 10001
+#   (`chown 10001 /var/lib/knack-311/state && chmod 0700 /var/lib/knack-311/state`).
+#
+# The program needs no capability and writes only to /app/state: --read-only, --cap-drop ALL and
+# --security-opt no-new-privileges work (make docker-smoke runs it that way). The tmpfs on /tmp is where SQLite
+# puts a scratch file should the journal ever need one. `docker stop` gives the container 10 s after SIGTERM
+# before SIGKILL; the program ends within 8 s of SIGTERM, so the default is enough (never pass a lower -t).
 #
 # The app name is not defaulted: the scheduler names it (data-tracker, signs-markings); without it the program
 # prints its usage and exits 2.
+
+# --- builder: the virtual environment with the pinned requirements -------------------------------------------
+FROM python:3.11-slim AS builder
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+
+# A virtual environment works on the official image (python in /usr/local/bin) and on Debian-packaged Python
+# (in /usr/bin, where pip may refuse to install into the system). Once the requirements are in, the venv's
+# own pip, setuptools and wheel go: nothing installs anything at run time.
+COPY requirements.txt /tmp/requirements.txt
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/python3 -m pip install -r /tmp/requirements.txt \
+ && /opt/venv/bin/python3 -m pip uninstall --yes pip setuptools wheel \
+ && if /opt/venv/bin/python3 -m pip --version >/dev/null 2>&1; then echo "pip left in the venv" >&2; exit 1; fi
+
+# --- runtime: the base interpreter, the venv and the program only -----------------------------------------------
 FROM python:3.11-slim
+
+# The venv has no pip (above), and the base image's own pip, setuptools and wheel are deleted here too, with
+# ensurepip and its bundled wheels, so no interpreter in the image can install a package: not `python -m pip`
+# (the venv's, first on PATH) and not the base interpreter's. Both layouts are covered: the official image
+# keeps them in /usr/local/lib/python3.11/site-packages and /usr/local/bin, Debian's Python in
+# /usr/lib/python3/dist-packages, /usr/bin and /usr/share/python-wheels.
+RUN set -eu; \
+    for dir in $(python3 -c 'import site, sysconfig; print(*site.getsitepackages(), sysconfig.get_path("stdlib"))'); do \
+        rm -rf "$dir"/pip "$dir"/pip-*-info "$dir"/setuptools "$dir"/setuptools-*-info \
+               "$dir"/wheel "$dir"/wheel-*-info "$dir"/pkg_resources "$dir"/_distutils_hack \
+               "$dir"/distutils-precedence.pth "$dir"/ensurepip; \
+    done; \
+    rm -rf /usr/share/python-wheels /usr/local/bin/pip /usr/local/bin/pip3* /usr/local/bin/wheel \
+           /usr/bin/pip /usr/bin/pip3*; \
+    if python3 -m pip --version >/dev/null 2>&1; then echo "the base image's pip is still importable" >&2; exit 1; fi
+
+COPY --from=builder /opt/venv /opt/venv
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
-
-# A virtual environment works on the official image (python in /usr/local/bin) and on Debian-packaged Python
-# (in /usr/bin, where pip may refuse to install into the system). Its python3 comes first on PATH.
-COPY requirements.txt ./
-RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/python3 -m pip install --no-cache-dir -r requirements.txt
 
 # The program only; .dockerignore keeps certificates, keys, env files, state, tests and simulators out.
 COPY send_esb_message.py config.py ./
@@ -48,4 +81,18 @@ RUN groupadd --gid 10001 knack311 \
 
 USER 10001:10001
 
-ENTRYPOINT ["python3", "/app/send_esb_message.py"]
+ENTRYPOINT ["/opt/venv/bin/python3", "/app/send_esb_message.py"]
+
+# Last, so that a new revision or build time does not rebuild the layers above.
+# docker build --build-arg REVISION=$(git rev-parse HEAD) --build-arg VERSION=... \
+#   --build-arg CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ) -t knack-311 .
+ARG SOURCE=https://github.com/cityofaustin/atd-knack-311
+ARG REVISION=unknown
+ARG VERSION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="knack-311" \
+      org.opencontainers.image.description="Sends Knack 311 activity records to the city's ESB (SOAP over mutual TLS), then marks them SENT in Knack" \
+      org.opencontainers.image.source="$SOURCE" \
+      org.opencontainers.image.revision="$REVISION" \
+      org.opencontainers.image.version="$VERSION" \
+      org.opencontainers.image.created="$CREATED"

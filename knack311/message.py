@@ -32,15 +32,18 @@ _FORBIDDEN_IN_XML = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0
 
 @dataclass(frozen=True)
 class Activity:
-    """One Knack activity record, its values already formatted as strings."""
+    """One Knack activity record, its values already formatted as strings.
+
+    The attributes are the keys of config.py `fields` (the record id, "id" there, is `record_id` here).
+    """
 
     record_id: str
     atd_activity_id: str
     emi_id: str
     sr_number: str
-    issue_status_code: str
+    issue_status_code_snapshot: str
     activity_name: str
-    activity_date: str
+    activity_datetime: str
     activity_details: str
     csr_activity_id: str = ""
     csr_activity_code: str = ""
@@ -50,28 +53,44 @@ class NotFor311(Exception):
     """The activity is internal: 311 does not want it (the record is set DO_NOT_SEND)."""
 
 
-def message_values(activity: Activity, activity_codes: dict[str, str | None]) -> dict[str, str]:
-    """The template variables for one activity, applying the rules the 311 side relies on."""
-    code = activity.csr_activity_code
-    if not code:
-        if activity.activity_name not in activity_codes:
-            raise RecordError(f"activity {activity.activity_name!r} has no 311 code in config.py activity_codes")
-        code = activity_codes[activity.activity_name]
-        if code is None:
-            raise NotFor311(activity.activity_name)
-    status = activity.issue_status_code
-    if status.strip().lower() == "closed_duplicate":
+def activity_type_code(activity: Activity, activity_codes: dict[str, str | None]) -> str:
+    """The 311 activity code: the record's own csr_activity_code (paging activities), else config.py's lookup.
+
+    A name mapped to None raises NotFor311; a name missing from activity_codes is a RecordError.
+    """
+    if activity.csr_activity_code:
+        return activity.csr_activity_code
+    if activity.activity_name not in activity_codes:
+        raise RecordError(f"activity {activity.activity_name!r} has no 311 code in config.py activity_codes")
+    code = activity_codes[activity.activity_name]
+    if code is None:
+        raise NotFor311(activity.activity_name)
+    return code
+
+
+def closed_duplicate_as_resolved(issue_status_code_snapshot: str) -> str:
+    """The issue status 311 gets: closed_duplicate is sent as closed_resolved, anything else as it is."""
+    if issue_status_code_snapshot.strip().lower() == "closed_duplicate":
         # 311 closes duplicates as resolved; Knack keeps its own value
-        status = "closed_resolved"
+        return "closed_resolved"
+    return issue_status_code_snapshot
+
+
+def message_values(activity: Activity, activity_codes: dict[str, str | None]) -> dict[str, str]:
+    """The template's variables: the activity's fields under their config.py names, plus activity_type_code.
+
+    The code is looked up here, before anything is rendered, so that an activity 311 does not want (NotFor311)
+    or cannot take (RecordError) is known before the run journals or sends anything.
+    """
     return {
         "id": activity.record_id,
         "emi_id": activity.emi_id,
         "csr_activity_id": activity.csr_activity_id,
         "sr_number": activity.sr_number,
-        "issue_status_code": status,
-        "activity_type_code": code,
+        "issue_status_code_snapshot": activity.issue_status_code_snapshot,
+        "activity_type_code": activity_type_code(activity, activity_codes),
         "activity_details": activity.activity_details,
-        "activity_date": activity.activity_date,
+        "activity_datetime": activity.activity_datetime,
     }
 
 
@@ -93,11 +112,16 @@ _environment = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
     keep_trailing_newline=True,
 )
+_environment.filters["closed_duplicate_as_resolved"] = closed_duplicate_as_resolved
 
 
-def render_message(values: dict[str, str], timestamp: str) -> bytes:
-    """Render, serialize as plain ASCII (non-ASCII text as character references) and check with lxml."""
-    text = _environment.get_template(TEMPLATE_NAME).render(timestamp=timestamp, **values)
+def render_message(values: dict[str, str], publication_time: str) -> bytes:
+    """Render, serialize as plain ASCII (non-ASCII text as character references) and check with lxml.
+
+    `values` come from message_values; `publication_time` (now, ISO 8601 with the app's offset) fills the
+    header's timestamp.
+    """
+    text = _environment.get_template(TEMPLATE_NAME).render(publication_time=publication_time, **values)
     body = text.encode("ascii", "xmlcharrefreplace")
     check_message(body)
     return body

@@ -94,7 +94,7 @@ def main() -> int:
                 print(f"  id={m['id']} sr={m['sr_number']} code={m['activity_type_code']} "
                       f"status={m['issue_status_code']} date={m['activity_date']}")
                 print(textwrap.indent(f"details: {m['activity_details']!r}", "      "))
-            shown = [r for r in esb.accepted if r.record_id == "505"]
+            shown = [r for r in esb.accepted if r.record_id == f"64b0{505:020d}"]
             if shown:
                 print("\nActivity 505 as it went on the wire "
                       "(plain ASCII; the non-ASCII text as character references):")

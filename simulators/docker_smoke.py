@@ -2,21 +2,26 @@
 
     make docker-smoke        (or: .venv/bin/python -m simulators.docker_smoke)
 
-Needs a running Docker engine (here: `bash ../shared/tools/docker-engine start`). It builds `knack-311:smoke`,
-makes a throwaway PKI, starts the Knack simulator (HTTP) and the ESB simulator (HTTPS, client certificate
-required) on 127.0.0.1, seeds data-tracker activities, writes an env file and runs
+Needs a running Docker engine (here: `../shared/tools/docker-engine start`). It builds `knack-311:smoke` with
+the OCI label build args (git revision, version, build time), makes a throwaway PKI, starts the Knack simulator
+(HTTP) and the ESB simulator (HTTPS, client certificate required) on 127.0.0.1, seeds data-tracker activities,
+writes an env file and runs the container as README.md and the Dockerfile say, hardened:
 
-    docker run --rm --network host --env-file ENVFILE -v CERTDIR:/certs:ro -v STATEDIR:/app/state \
-        knack-311:smoke data-tracker
+    docker run --rm --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
+        --env-file ENVFILE -v CERTDIR:/certs:ro -v knack-311-smoke-state-PID:/app/state \
+        --network host knack-311:smoke data-tracker
 
-then checks what the ESB received, what Knack now says, what the container printed, who it ran as and what
-the image holds. Prints "ok: ..." / "FAIL: ..." per check and a final line; exits 0 only if every check passed,
-1 if any failed, 2 if Docker is not available.
+(`--network host` only so that the container reaches the simulators on 127.0.0.1; the state is a throwaway
+named volume, removed at the end). Then it checks what the ESB received, what Knack now says, what the container
+printed, the journal in the state volume, who the container runs as, what the image holds, its labels, and that
+no interpreter in it can run pip. Prints "ok: ..." / "FAIL: ..." per check and a final line; exits 0 only if
+every check passed, 1 if any failed, 2 if Docker is not available.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import subprocess
@@ -38,6 +43,11 @@ APP_ID = "5d79512148c4af00106d1507"
 API_KEY = "smoke-canary-api-key-7d41b0c2"  # must never appear in the container's output
 CONTAINER_UID = 10001  # the image's USER
 RUN_TIMEOUT = 300  # seconds; the scheduler's own limit is 5 minutes
+STATE_VOLUME = f"knack-311-smoke-state-{os.getpid()}"  # never the deployment's knack-311-state
+# what the scheduler adds to `docker run` (README.md, Dockerfile): the container needs no writable root, no
+# capability and no privilege escalation; SQLite may put a scratch file in /tmp
+HARDENING = ["--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+LABEL_PREFIX = "org.opencontainers.image."
 
 NON_ASCII = "Señal dañada en Congress & 6th — café ☕, 日本語 <ok>"
 
@@ -118,8 +128,8 @@ def statuses(knack: KnackSimulator) -> dict[str, str]:
     return {r["id"]: r.get(f"{key}_raw", r.get(key)) for r in knack.records(CONFIG[APP]["obj"])}
 
 
-def make_mounts(tmp: Path, pki) -> tuple[Path, Path]:
-    """The certificate folder (mounted read-only at /certs) and the state folder (mounted at /app/state).
+def make_cert_mount(tmp: Path, pki) -> Path:
+    """The certificate folder, mounted read-only at /certs.
 
     The container runs as uid 10001, so the key must be readable by that uid: as root we give the copy to it
     with mode 0400 (what operators do with the real key); otherwise the temporary copy is made world-readable.
@@ -132,17 +142,12 @@ def make_mounts(tmp: Path, pki) -> tuple[Path, Path]:
     shutil.copyfile(pki.ca_bundle, certs / "ca.pem")
     (certs / "esb.cert").chmod(0o644)
     (certs / "ca.pem").chmod(0o644)
-    state = tmp / "state"
-    state.mkdir()
     if os.geteuid() == 0:
         os.chown(certs / "esb.pem", CONTAINER_UID, CONTAINER_UID)
         (certs / "esb.pem").chmod(0o400)
-        os.chown(state, CONTAINER_UID, CONTAINER_UID)
-        state.chmod(0o700)
     else:
         (certs / "esb.pem").chmod(0o644)
-        state.chmod(0o777)
-    return certs, state
+    return certs
 
 
 def write_env_file(path: Path, knack: KnackSimulator, esb: ESBSimulator) -> None:
@@ -163,9 +168,9 @@ def write_env_file(path: Path, knack: KnackSimulator, esb: ESBSimulator) -> None
         f.write("\n".join(lines) + "\n")
 
 
-def run_container(env_file: Path, certs: Path, state: Path) -> tuple[int | None, str]:
-    command = ["docker", "run", "--rm", "--network", "host", "--env-file", str(env_file),
-               "-v", f"{certs}:/certs:ro", "-v", f"{state}:/app/state", IMAGE, APP]
+def run_container(env_file: Path, certs: Path) -> tuple[int | None, str]:
+    command = ["docker", "run", "--rm", *HARDENING, "--env-file", str(env_file),
+               "-v", f"{certs}:/certs:ro", "-v", f"{STATE_VOLUME}:/app/state", "--network", "host", IMAGE, APP]
     print("$ " + " ".join(command), flush=True)
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT)
@@ -177,31 +182,47 @@ def run_container(env_file: Path, certs: Path, state: Path) -> tuple[int | None,
     return proc.returncode, output
 
 
-def main() -> int:
-    problem = docker_available()
-    if problem:
-        print(f"docker smoke: no Docker engine ({problem}).\n"
-              "Start one with: bash ../shared/tools/docker-engine start   (from the project root)", file=sys.stderr)
-        return 2
+def build_args() -> dict[str, str]:
+    """The OCI label build args: this checkout's revision, a version naming it, the build time in UTC."""
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
 
-    checks = Checks()
-    print(f"building {IMAGE} from {PROJECT_ROOT} ...", flush=True)
+    revision = git("rev-parse", "HEAD") or "unknown"
+    return {
+        "REVISION": revision,
+        "VERSION": git("describe", "--tags", "--always", "--dirty") or f"0+{revision[:12]}",
+        "CREATED": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def build(checks: Checks, args: dict[str, str]) -> bool:
+    command = ["docker", "build", "-t", IMAGE]
+    for name, value in args.items():
+        command += ["--build-arg", f"{name}={value}"]
+    command.append(str(PROJECT_ROOT))
+    print("$ " + " ".join(command), flush=True)
     try:
-        build = subprocess.run(["docker", "build", "-t", IMAGE, str(PROJECT_ROOT)], capture_output=True, text=True,
-                               timeout=1200)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     except subprocess.TimeoutExpired:
-        checks.check(False, f"docker build -t {IMAGE} .", "timed out after 20 minutes")
-        return checks.finish()
-    if not checks.check(build.returncode == 0, f"docker build -t {IMAGE} .", f"exit {build.returncode}"):
-        print(textwrap.indent("\n".join((build.stdout + build.stderr).splitlines()[-40:]), "  | "))
-        return checks.finish()
+        return checks.check(False, f"docker build -t {IMAGE} .", "timed out after 20 minutes")
+    if not checks.check(proc.returncode == 0, f"docker build -t {IMAGE} .", f"exit {proc.returncode}"):
+        print(textwrap.indent("\n".join((proc.stdout + proc.stderr).splitlines()[-40:]), "  | "))
+        return False
+    return True
 
+
+def check_scheduled_runs(checks: Checks) -> None:
+    """Two scheduled runs, hardened, against the simulators: what 311 got, what Knack says, the state volume."""
     config = CONFIG[APP]
     with tempfile.TemporaryDirectory(prefix="knack311-docker-smoke-", ignore_cleanup_errors=True) as tmp_name:
         tmp = Path(tmp_name)
-        Path(tmp).chmod(0o755)  # the bind mounts below are read through it
+        Path(tmp).chmod(0o755)  # the bind mount below is read through it
         pki = make_pki(tmp / "pki")
-        certs, state = make_mounts(tmp, pki)
+        certs = make_cert_mount(tmp, pki)
         key_pem = pki.client_key.read_text()
         key_body = "".join(line for line in key_pem.splitlines() if line and not line.startswith("-----"))
         metadata = app_metadata(APP, config, timezone="Central Time (US & Canada)", app_id=APP_ID)
@@ -209,32 +230,32 @@ def main() -> int:
                 ESBSimulator(server_cert=pki.server_cert, server_key=pki.server_key,
                              client_ca_bundle=pki.client_ca_bundle, host="127.0.0.1") as esb:
             seed(knack)
-            env_file = tmp / "knack311.env"
+            env_file = tmp / "knack-311.env"
             write_env_file(env_file, knack, esb)
             print(f"Knack simulator at {knack.url}, ESB simulator at {esb.url}; "
                   f"{len(ACTIVITIES)} activities READY_TO_SEND in {APP}", flush=True)
 
             # --- the scheduled run ---
-            returncode, output = run_container(env_file, certs, state)
-            checks.check(returncode == 0, "the container exited 0",
-                         "timed out" if returncode is None else f"exit {returncode}")
+            returncode, output = run_container(env_file, certs)
+            checks.check(returncode == 0, "the container exited 0 (read-only root, no capabilities, "
+                         "no-new-privileges)", "timed out" if returncode is None else f"exit {returncode}")
 
-            # the message's data/csr/id is the activity's atd_activity_id
+            # 311 knows an activity by its Knack record id: the message's data/csr/id
             copies = esb.copies()
-            expected = {str(atd): 1 for atd in SENDABLE}
+            expected = {record_id(atd): 1 for atd in SENDABLE}
             checks.check(dict(copies) == expected,
-                         f"the ESB accepted each of the {len(SENDABLE)} sendable messages exactly once",
-                         f"accepted copies per record: {dict(copies)}")
-            checks.check(all(str(atd) not in copies for atd in DO_NOT_SEND),
+                         f"the ESB accepted each of the {len(SENDABLE)} sendable messages exactly once, "
+                         "each carrying its Knack record id", f"accepted copies per record: {dict(copies)}")
+            checks.check(all(record_id(atd) not in copies for atd in DO_NOT_SEND),
                          "no message for the activity 311 does not want (Other)")
             checks.check(bool(esb.accepted) and all(r.client_subject == CLIENT_NAME for r in esb.accepted),
                          f"every message came over mutual TLS with the mounted client certificate ({CLIENT_NAME})",
                          f"subjects: {sorted({r.client_subject for r in esb.accepted})}")
             by_id = {parse_message(r.body)["id"]: parse_message(r.body) for r in esb.accepted}
-            sent_603 = by_id.get("603", {})
+            sent_603 = by_id.get(record_id(603), {})
             checks.check(sent_603.get("activity_details") == NON_ASCII,
                          "non-ASCII text arrived intact", f"got {sent_603.get('activity_details')!r}")
-            sent_605 = by_id.get("605", {})
+            sent_605 = by_id.get(record_id(605), {})
             checks.check(sent_605.get("issue_status_code") == "closed_resolved",
                          "closed_duplicate went as closed_resolved", f"got {sent_605.get('issue_status_code')!r}")
 
@@ -246,19 +267,29 @@ def main() -> int:
             checks.check(API_KEY not in output, "the API key does not appear in the container output")
             checks.check("PRIVATE KEY" not in output and key_body[:40] not in output,
                          "no key material in the container output")
-            journal = state / f"{APP}.journal.sqlite3"
-            checks.check(journal.is_file(), f"the delivery journal is in the mounted state volume ({journal.name})",
-                         f"state holds {sorted(p.name for p in state.iterdir())}")
+            journal = f"{APP}.journal.sqlite3"
+            state = docker("run", "--rm", "-v", f"{STATE_VOLUME}:/app/state", "--entrypoint", "sh", IMAGE, "-c",
+                           "stat -c '%u %a' /app/state && ls -A /app/state")
+            lines = state.stdout.split("\n", 1)
+            owner, names = (lines[0].strip(), lines[1].split()) if len(lines) == 2 else ("", [])
+            checks.check(state.returncode == 0 and journal in names,
+                         f"the delivery journal is in the state volume ({journal})",
+                         f"exit {state.returncode}, volume holds {names} {state.stderr.strip()}")
+            checks.check(owner == f"{CONTAINER_UID} 700",
+                         f"the named state volume took the image's owner and mode ({CONTAINER_UID}, 0700)",
+                         f"owner and mode {owner!r}")
 
             # --- the next scheduled run: nothing left to do, nothing sent again ---
             print("the next scheduled run:", flush=True)
-            returncode2, output2 = run_container(env_file, certs, state)
+            returncode2, output2 = run_container(env_file, certs)
             checks.check(returncode2 == 0 and dict(esb.copies()) == expected,
-                         "a second run exits 0 and sends nothing again",
+                         "a second run exits 0 and sends nothing again (the journal persisted in the volume)",
                          f"exit {returncode2}, accepted copies {dict(esb.copies())}")
             checks.check(API_KEY not in output2, "the API key does not appear in the second run's output either")
 
-    # --- the image itself ---
+
+def check_image(checks: Checks, args: dict[str, str]) -> None:
+    """Who the container runs as, what the image holds, its labels, and that nothing in it can run pip."""
     who = docker("run", "--rm", "--entrypoint", "id", IMAGE, "-u")
     uid = who.stdout.strip()
     checks.check(who.returncode == 0 and uid.isdigit() and int(uid) != 0, f"the container runs as non-root (uid {uid})",
@@ -273,6 +304,52 @@ def main() -> int:
                  "the image holds the program but no esb.cert, esb.pem, keys, env files, tests or simulators",
                  f"unexpected: {present}, missing: {sorted(program - names)}" if listing.returncode == 0
                  else listing.stderr.strip())
+
+    inspect = docker("image", "inspect", "--format", "{{json .Config.Labels}}", IMAGE)
+    labels = (json.loads(inspect.stdout) or {}) if inspect.returncode == 0 else {}
+    oci = {k.removeprefix(LABEL_PREFIX): v for k, v in labels.items() if k.startswith(LABEL_PREFIX)}
+    print(textwrap.indent("\n".join(f"{k}={v}" for k, v in sorted(oci.items())), "  | "), flush=True)
+    required = {"title", "description", "source", "revision", "version", "created"}
+    checks.check(required <= set(oci) and all(oci[n].strip() for n in required),
+                 "the image carries the OCI labels title, description, source, revision, version, created",
+                 f"has {sorted(oci)}")
+    passed = {"revision": args["REVISION"], "version": args["VERSION"], "created": args["CREATED"]}
+    checks.check(all(oci.get(k) == v for k, v in passed.items()),
+                 "the revision, version and created labels are the build args passed",
+                 f"labels {({k: oci.get(k) for k in passed})}, passed {passed}")
+
+    # `python -m pip` with the venv's interpreter (first on PATH), then the base image's own interpreter
+    probe = docker("run", "--rm", "--entrypoint", "sh", IMAGE, "-c",
+                   'base=$(python -c "import sys; print(sys._base_executable)"); echo "base $base"; '
+                   'for py in python "$base"; do '
+                   '  $py -m pip --version >/dev/null 2>&1 && echo "pip runs under $py"; '
+                   '  $py -c "import setuptools" >/dev/null 2>&1 && echo "setuptools imports under $py"; '
+                   '  $py -m ensurepip --version >/dev/null 2>&1 && echo "ensurepip runs under $py"; '
+                   'done; echo probed')
+    print(textwrap.indent(probe.stdout.rstrip("\n"), "  | "), flush=True)
+    found = [line for line in probe.stdout.splitlines() if " under " in line]
+    checks.check(probe.returncode == 0 and "probed" in probe.stdout and not found,
+                 "`python -m pip` fails in the image, under the venv's and the base image's interpreter "
+                 "(no pip, setuptools or ensurepip)", "; ".join(found) or probe.stderr.strip())
+
+
+def main() -> int:
+    problem = docker_available()
+    if problem:
+        print(f"docker smoke: no Docker engine ({problem}).\n"
+              "Start one with: ../shared/tools/docker-engine start   (from the project root)", file=sys.stderr)
+        return 2
+
+    checks = Checks()
+    args = build_args()
+    print(f"building {IMAGE} from {PROJECT_ROOT} ...", flush=True)
+    if not build(checks, args):
+        return checks.finish()
+    try:
+        check_scheduled_runs(checks)
+    finally:
+        docker("volume", "rm", "--force", STATE_VOLUME)
+    check_image(checks, args)
     return checks.finish()
 
 

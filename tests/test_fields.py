@@ -331,9 +331,9 @@ def test_activity_from_record_with_shipped_config():
         atd_activity_id="ACT-000123",
         emi_id="EMI-42",                                  # stray spaces dropped from codes and ids
         sr_number="24-00012345",
-        issue_status_code="closed_duplicate",            # Knack's value; the 311 rule is applied later
+        issue_status_code_snapshot="closed_duplicate",   # Knack's value; the 311 rule is applied later
         activity_name="Dispatch Technician",             # the connection's identifier, not its HTML
-        activity_date="2018-07-03T10:26:00-05:00",
+        activity_datetime="2018-07-03T10:26:00-05:00",
         activity_details="Replaced lamp\nSignal back on  ",   # details exactly as typed
         csr_activity_id="",
         csr_activity_code="",

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 
+import jinja2.meta
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
+from config import CONFIG
 from knack311.errors import RecordError
-from knack311.message import MESSAGE_ELEMENTS, Activity, NotFor311, message_values, render_message
+from knack311.message import (
+    MESSAGE_ELEMENTS,
+    TEMPLATE_NAME,
+    TEMPLATES_DIR,
+    Activity,
+    NotFor311,
+    closed_duplicate_as_resolved,
+    message_values,
+    render_message,
+)
+from knack311.settings import TEMPLATE_FIELDS
 
 SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
 ACC = "http://www.austintexas.gov/AcceptKnack/"
@@ -33,9 +45,9 @@ ACTIVITY = Activity(
     atd_activity_id="ACT-000123",
     emi_id="EMI-42",
     sr_number="24-00012345",
-    issue_status_code="in_progress",
+    issue_status_code_snapshot="in_progress",
     activity_name="Dispatch Technician",
-    activity_date="2018-07-03T10:26:00-05:00",
+    activity_datetime="2018-07-03T10:26:00-05:00",
     activity_details="Crew dispatched",
     csr_activity_id="",
     csr_activity_code="",
@@ -127,8 +139,9 @@ def test_name_missing_from_the_map_is_a_record_error(name):
     ("", ""),
 ])
 def test_issue_status_override(status, expected):
-    values = message_values(dataclasses.replace(ACTIVITY, issue_status_code=status), CODES)
-    assert values["issue_status_code"] == expected
+    assert closed_duplicate_as_resolved(status) == expected
+    root = assert_structure(render(dataclasses.replace(ACTIVITY, issue_status_code_snapshot=status)))
+    assert text_of(root, "issue_status_code") == expected
 
 
 def test_message_values_carry_the_activity():
@@ -138,17 +151,31 @@ def test_message_values_carry_the_activity():
         "emi_id": "EMI-42",
         "csr_activity_id": "CSR-9",
         "sr_number": "24-00012345",
-        "issue_status_code": "in_progress",
+        "issue_status_code_snapshot": "in_progress",
         "activity_type_code": "DISPTECH",
         "activity_details": "Crew dispatched",
-        "activity_date": "2018-07-03T10:26:00-05:00",
+        "activity_datetime": "2018-07-03T10:26:00-05:00",
     }
+
+
+def test_template_variables_are_named_after_config_fields():
+    # a reader of the template sees which Knack field fills which element: every variable is a key of
+    # config.py `fields`, except the publication time and the one value 311's rule derives
+    source = (TEMPLATES_DIR / TEMPLATE_NAME).read_text()
+    environment = jinja2.Environment()
+    environment.filters["closed_duplicate_as_resolved"] = closed_duplicate_as_resolved
+    variables = jinja2.meta.find_undeclared_variables(environment.parse(source))
+    derived = {"publication_time", "activity_type_code"}
+    assert variables - derived <= set(TEMPLATE_FIELDS)
+    for app in CONFIG.values():
+        assert variables - derived <= set(app["fields"])
+    assert set(message_values(ACTIVITY, CODES)) == variables - {"publication_time"}
 
 
 # --- render_message ----------------------------------------------------------------------------------------
 
 def test_rendered_message_shape_and_values():
-    body = render(dataclasses.replace(ACTIVITY, issue_status_code="closed_duplicate"))
+    body = render(dataclasses.replace(ACTIVITY, issue_status_code_snapshot="closed_duplicate"))
     root = assert_structure(body)
     assert root.nsmap == {"soapenv": SOAP, "acc": ACC}
     assert root.tag == f"{{{SOAP}}}Envelope"
@@ -254,8 +281,8 @@ SHOWN_AS = {
     "emi_id": "emi",
     "record_id": "id",
     "csr_activity_id": "csr_activity_id",
-    "activity_date": "activity_date",
-    "issue_status_code": "issue_status_code",
+    "activity_datetime": "activity_date",
+    "issue_status_code_snapshot": "issue_status_code",
     "csr_activity_code": "activity_type_code",
 }
 
@@ -269,7 +296,7 @@ PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, database=None,
 
 
 def expected_text(field: str, text: str) -> str:
-    if field == "issue_status_code" and text.strip().lower() == "closed_duplicate":
+    if field == "issue_status_code_snapshot" and text.strip().lower() == "closed_duplicate":
         return "closed_resolved"
     if field == "csr_activity_code" and not text:
         return CODES[ACTIVITY.activity_name]
