@@ -86,7 +86,8 @@ ENTRYPOINT ["/opt/venv/bin/python3", "/app/send_esb_message.py"]
 # Last, so that a new revision or build time does not rebuild the layers above.
 # docker build --build-arg REVISION=$(git rev-parse HEAD) --build-arg VERSION=... \
 #   --build-arg CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ) -t knack-311 .
-ARG SOURCE=https://github.com/cityofaustin/atd-knack-311
+# SOURCE: where this image's code lives (the repository URL); this checkout names no remote, so the build says it.
+ARG SOURCE=unknown
 ARG REVISION=unknown
 ARG VERSION=unknown
 ARG CREATED=unknown
