@@ -15,7 +15,10 @@ Per run: `docker run knack-311 APP --max-runtime 240` with
 Exit codes: 0 success; 1 a record failed or the run stopped early (the task fails: the alert fires); 2 a
 configuration error (fails too); 75 another run of the app still holds the lock (the task is skipped, no alert).
 The execution timeout sits above --max-runtime, so the program stops starting records and ends by itself first;
-if it does not, Airflow stops the container (SIGTERM: the record in hand is finished, exit 1).
+if it does not, Airflow stops the container (`docker stop`: SIGTERM, SIGKILL 10 s later; the program ends
+within 8 s of SIGTERM, journal written, exit 1), still inside the 5-minute window.
+DockerOperator cannot pass `--read-only`, `--cap-drop ALL` or `no-new-privileges` (see README, Docker): set
+them in the Docker daemon's defaults or an authorization plugin if the hardened run line is required.
 
 `make airflow-check` loads this file into a real Airflow (its own virtualenv) to prove it imports cleanly.
 """
