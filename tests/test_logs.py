@@ -8,6 +8,7 @@ import json
 import re
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 
@@ -22,17 +23,23 @@ from knack311.logs import (
     progress_reader,
     progress_setting,
 )
-from knack311.message import Activity
 from knack311.outcomes import ERROR, WARNING, Event, Reader, Readers, ReportError, RunReport
 
 FORGED = "2026-01-01T00:00:00Z data-tracker record=x activity=1 sr=y set SENT"
 EVIL_SR = f"24-00012003\n{FORGED}\r\x1b[31mred\x00\u2028end"
 
 
+@dataclass(frozen=True)
+class Activity:
+    """What the log needs of message.Activity (the RecordRef protocol)."""
+
+    record_id: str
+    atd_activity_id: str
+    sr_number: str
+
+
 def activity(record_id="64b0a1c2d3e4f50617180506", atd="506", sr="24-00012003") -> Activity:
-    return Activity(record_id=record_id, atd_activity_id=atd, emi_id="EMI-506", sr_number=sr,
-                    issue_status_code="open", activity_name="Dispatch Technician",
-                    activity_date="2024-07-04T10:26:00-05:00", activity_details="")
+    return Activity(record_id=record_id, atd_activity_id=atd, sr_number=sr)
 
 
 def a_run(readers: Readers, sr: str = "24-00012003") -> None:
