@@ -355,14 +355,15 @@ def _check_journal(path: Path) -> Row:
         # immutable: read the file as it is, creating no -wal/-shm beside it and taking no lock a run would meet
         db = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True, timeout=2)
         try:
-            tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # proves it is a database
+            (layout,) = db.execute("PRAGMA user_version").fetchone()
         finally:
             db.close()
     except sqlite3.Error as exc:
         return Row("journal", FAIL, f"{path} is not a readable SQLite database ({exc}); move it aside only after "
                                     "reading the README on the journal")
     changed = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
-    return Row("journal", OK, f"{path}: writable, {len(tables)} table(s), last changed {changed:%Y-%m-%d %H:%M} UTC")
+    return Row("journal", OK, f"{path}: writable, layout version {layout}, last changed {changed:%Y-%m-%d %H:%M} UTC")
 
 
 # --- the table -----------------------------------------------------------------------------------------------
