@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint venv bench docker-smoke clean
+.PHONY: demo test lint venv bench docker-smoke airflow-check clean
 
 venv: $(VENV)/.installed
 
@@ -29,5 +29,17 @@ bench: venv
 docker-smoke: venv
 	$(PY) -m simulators.docker_smoke
 
+# Loads deploy/airflow_dag.py into a real Airflow, in a virtualenv of its own (not part of make test).
+AIRFLOW_VENV ?= .venv-airflow
+
+airflow-check: $(AIRFLOW_VENV)/.installed
+	AIRFLOW_HOME=$(CURDIR)/.airflow-home AIRFLOW__CORE__LOAD_EXAMPLES=False \
+	  $(AIRFLOW_VENV)/bin/python deploy/airflow_check.py
+
+$(AIRFLOW_VENV)/.installed: deploy/requirements-airflow.txt
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r deploy/requirements-airflow.txt
+	touch $@
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(AIRFLOW_VENV) .airflow-home .pytest_cache .hypothesis

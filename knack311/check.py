@@ -1,0 +1,447 @@
+"""`--check`: the pre-flight. Will a run work, with this environment, config.py entry, certificate and state?
+
+Prints a table (item, OK / WARN / FAIL / SKIP, detail) and exits 0 when nothing FAILs, 2 otherwise. It sends
+no message and changes nothing: no Knack update, no ESB POST, no journal or lock, not even STATE_DIR is
+created. A FAIL names what to fix: the variable, the config.py key, the Knack field, "expired on DATE". SKIP
+marks what could not be checked because something it depends on failed (or was not asked for).
+
+The checks here are pure (values in, rows out) so each is tested on its own; the network parts come in as
+callables, so that the entry script decides how to reach Knack and the ESB:
+    fetch_metadata()  -> the app metadata dict (GET /applications/{id}), or raises ConfigError/OutageError
+    esb_handshake()   -> rows for a TLS handshake with the ESB presenting our certificate (no POST)
+    knack_usage()     -> rows for the app's daily Knack calls left and the records waiting
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import sqlite3
+import stat
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from .errors import ConfigError, OutageError
+from .fields import resolve_timezone
+from .healthcheck import healthcheck_url, ping_host
+from .knack import DO_NOT_SEND, READY_TO_SEND, SENT
+from .logs import log_format_setting, printable, progress_setting
+from .metrics import metrics_path
+from .settings import AppConfig, load_app
+
+OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
+EXIT_READY, EXIT_NOT_READY = 0, 2
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+REQUIRED_VARIABLES = ("KNACK_APP_ID", "KNACK_API_KEY", "ESB_ENDPOINT")
+CERT_WARN_DAYS = 30          # time enough to have a certificate renewed by the city's PKI team
+LOW_DISK_BYTES = 100 << 20   # the journal is small; this leaves room for it and SQLite's WAL
+
+# Knack field types that work for each template variable (fields.format_value turns them into text).
+_TEXT = frozenset({"short_text", "concatenation", "number", "auto_increment"})
+EXPECTED_TYPES: dict[str, frozenset[str]] = {
+    "atd_activity_id": frozenset({"auto_increment", "number"}),
+    "emi_id": _TEXT,
+    "sr_number": _TEXT | {"connection"},  # signs-markings links the service request record
+    "issue_status_code_snapshot": _TEXT | {"multiple_choice"},
+    "esb_status": frozenset({"multiple_choice"}),  # the status the bridge reads and writes
+    "activity_datetime": frozenset({"date_time"}),
+    "activity_details": frozenset({"paragraph_text", "short_text"}),  # rich_text would send HTML markup to 311
+    "activity_name": frozenset({"multiple_choice", "connection", "short_text"}),
+    "csr_activity_id": _TEXT,
+    "csr_activity_code": _TEXT | {"multiple_choice"},
+}
+# Types that work, with a caveat worth a WARN.
+TOLERATED_TYPES: dict[str, tuple[frozenset[str], str]] = {
+    "atd_activity_id": (frozenset({"short_text", "concatenation"}),
+                        "311 gets activities in this id's numeric order; a text id that is not a number goes last"),
+}
+STATUSES = (READY_TO_SEND, SENT, DO_NOT_SEND)
+
+
+@dataclass(frozen=True)
+class Row:
+    item: str
+    status: str
+    detail: str
+
+
+Probe = Callable[[], "Row | list[Row]"]
+
+
+# --- environment ---------------------------------------------------------------------------------------------
+
+def check_environment(env: Mapping[str, str], app_name: str = "") -> list[Row]:
+    """The variables: required ones present, optional ones well-formed. Secret values are never shown."""
+    rows = []
+    for name in REQUIRED_VARIABLES:
+        value = env.get(name, "").strip()
+        if not value:
+            rows.append(Row(name, FAIL, "not set (required)"))
+        elif name == "KNACK_API_KEY":
+            rows.append(Row(name, OK, "set (not shown)"))
+        elif name == "ESB_ENDPOINT":
+            parts = urlsplit(value)
+            shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+            rows.append(Row(name, OK, shown) if parts.scheme == "https" and parts.hostname
+                        else Row(name, FAIL, "must be an https:// URL (messages go over mutual TLS)"))
+        else:
+            rows.append(Row(name, OK, value))
+    if env.get("ESB_VERIFY_TLS", "").strip().lower() in ("false", "0", "no"):
+        rows.append(Row("ESB_VERIFY_TLS", WARN, "false: the ESB's certificate is NOT verified"))
+
+    def optional(name: str, check: Callable[[str], str]) -> None:
+        value = env.get(name, "").strip()
+        if value:
+            try:
+                rows.append(Row(name, OK, check(value)))
+            except ConfigError as exc:
+                rows.append(Row(name, FAIL, str(exc)))
+
+    optional("METRICS_FILE", lambda v: str(metrics_path(v, app_name or "{app}")))
+    optional("HEALTHCHECK_URL", lambda v: f"pings {ping_host(healthcheck_url(v))} (path not shown: it is the key)")
+    optional("LOG_FORMAT", lambda v: log_format_setting(None, env))
+    optional("PROGRESS", lambda v: "bar on" if progress_setting(False, env) else "bar off")
+    return rows
+
+
+# --- config.py against the Knack app metadata -----------------------------------------------------------------
+
+def check_config_entry(app_name: str, config: Mapping) -> tuple[AppConfig | None, Row]:
+    try:
+        app = load_app(app_name, dict(config))
+    except ConfigError as exc:
+        return None, Row("config.py entry", FAIL, str(exc))
+    return app, Row("config.py entry", OK, f"{app_name}: obj {app.obj}, view {app.view}, {len(app.fields)} fields, "
+                                           f"{len(app.activity_codes)} activity codes")
+
+
+def check_metadata(app: AppConfig, metadata: object) -> list[Row]:
+    """config.py's entry against the app metadata (the reply of GET /applications/{app_id})."""
+    application = metadata.get("application") if isinstance(metadata, dict) else None
+    if not isinstance(application, dict):
+        return [Row("Knack app metadata", FAIL, "the reply has no 'application' (is KNACK_API_URL the Knack API?)")]
+    rows = []
+
+    scene, view = _find_view(application, app.view)
+    if view is None:
+        rows.append(Row(f"view {app.view}", FAIL, f"{app.view} is not in the Knack app (config.py 'view')"))
+    else:
+        source = (view.get("source") or {}).get("object")
+        if source and source != app.obj:
+            rows.append(Row(f"view {app.view}", FAIL, f"{app.view} lists records of {source}, not {app.obj}: "
+                                                      "config.py 'obj' and 'view' must name the same object"))
+        else:
+            rows.append(Row(f"view {app.view}", OK, f"{_name(view)} in scene {scene.get('key')} ({_name(scene)})"))
+
+    objects = {o.get("key"): o for o in application.get("objects") or [] if isinstance(o, dict)}
+    obj = objects.get(app.obj)
+    if obj is None:
+        rows.append(Row(f"object {app.obj}", FAIL, f"{app.obj} is not in the Knack app (config.py 'obj')"))
+    else:
+        rows.append(Row(f"object {app.obj}", OK, f"{_name(obj)}, {len(obj.get('fields') or [])} fields"))
+
+    # A view-based read returns only the fields that are columns of the view.
+    columns = None
+    if view is not None and view.get("type") == "table" and view.get("columns"):
+        columns = {(c.get("field") or {}).get("key") for c in view["columns"] if isinstance(c, dict)}
+    for variable, key in app.fields.items():
+        if variable != "id":
+            rows.append(_check_field(app, variable, key, obj, columns))
+
+    rows.append(_check_timezone(application, app))
+    return rows
+
+
+def _check_field(app: AppConfig, variable: str, key: str, obj: dict | None, columns: set | None) -> Row:
+    item = f"field {variable}"
+    if obj is None:
+        return Row(item, SKIP, f"{key}: object {app.obj} not found")
+    fields = {f.get("key"): f for f in obj.get("fields") or [] if isinstance(f, dict)}
+    field = fields.get(key)
+    if field is None:
+        return Row(item, FAIL, f"{key} is not a field of {app.obj} (config.py fields[{variable!r}])")
+    knack_type = field.get("type", "")
+    expected = EXPECTED_TYPES.get(variable, frozenset())
+    tolerated, caveat = TOLERATED_TYPES.get(variable, (frozenset(), ""))
+    if knack_type not in expected | tolerated:
+        return Row(item, FAIL, f"{key} is a {knack_type or 'typeless'} field, expected {' or '.join(sorted(expected))}"
+                               f" (config.py fields[{variable!r}])")
+    if columns is not None and key not in columns:
+        return Row(item, FAIL, f"{key} is not a column of view {app.view}: its records would come without it "
+                               "(add the column in Knack)")
+    detail = f"{key} {knack_type} ({_name(field)})"
+    if variable == "esb_status":
+        options = (field.get("format") or {}).get("options") or []
+        missing = [status for status in STATUSES if status not in options]
+        if missing:
+            return Row(item, FAIL, f"{key} does not offer {', '.join(missing)} (add the option(s) in Knack)")
+        return Row(item, OK, f"{detail} offers {', '.join(STATUSES)}")
+    if variable == "activity_name" and knack_type == "multiple_choice":
+        options = (field.get("format") or {}).get("options") or []
+        uncoded = [option for option in options if option not in app.activity_codes]
+        if uncoded:
+            shown = ", ".join(repr(option) for option in uncoded[:5]) + (", ..." if len(uncoded) > 5 else "")
+            return Row(item, WARN, f"{key}: {len(uncoded)} option(s) without a 311 code in config.py activity_codes "
+                                   f"({shown}): such activities fail unless they carry a csr_activity_code")
+    if knack_type in tolerated:
+        return Row(item, WARN, f"{detail}: {caveat}")
+    return Row(item, OK, detail)
+
+
+def _check_timezone(application: dict, app: AppConfig) -> Row:
+    knack_name = (application.get("settings") or {}).get("timezone")
+    try:
+        zone = resolve_timezone(knack_name, app.timezone)
+    except ConfigError as exc:
+        return Row("timezone", FAIL, str(exc))
+    source = f"config.py timezone {app.timezone!r}" if app.timezone else f"Knack's {knack_name!r}"
+    return Row("timezone", OK, f"{source} -> {zone.key}")
+
+
+def _find_view(application: dict, view_key: str) -> tuple[dict, dict | None]:
+    for scene in application.get("scenes") or []:
+        if isinstance(scene, dict):
+            for view in scene.get("views") or []:
+                if isinstance(view, dict) and view.get("key") == view_key:
+                    return scene, view
+    return {}, None
+
+
+def _name(thing: dict) -> str:
+    return repr(thing.get("name") or thing.get("title") or thing.get("key") or "?")
+
+
+# --- certificates --------------------------------------------------------------------------------------------
+
+def check_client_certificate(cert_path: Path, key_path: Path, now: dt.datetime,
+                             warn_days: int = CERT_WARN_DAYS) -> list[Row]:
+    """ESB_CERT and ESB_KEY: readable, a certificate in date, and a matching unencrypted key."""
+    rows = []
+    data, problem = _read(cert_path)
+    leaf = None
+    if problem:
+        rows.append(Row("ESB_CERT", FAIL, f"{cert_path} {problem}"))
+    else:
+        try:
+            leaf = x509.load_pem_x509_certificates(data)[0]
+        except ValueError:
+            rows.append(Row("ESB_CERT", FAIL, f"{cert_path} holds no PEM certificate"))
+        else:
+            rows.append(_validity("ESB_CERT", leaf, now, warn_days, f"{_common_name(leaf.subject)}, issued by "
+                                                                   f"{_common_name(leaf.issuer)}"))
+
+    data, problem = _read(key_path)
+    if problem:
+        rows.append(Row("ESB_KEY", FAIL, f"{key_path} {problem}"))
+        return rows
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:  # cryptography's way of saying "this key needs a password"
+        rows.append(Row("ESB_KEY", FAIL, f"{key_path} is encrypted; the program needs an unencrypted key "
+                                         "(openssl pkey -in KEY -out esb.pem)"))
+        return rows
+    except (ValueError, UnsupportedAlgorithm):
+        rows.append(Row("ESB_KEY", FAIL, f"{key_path} holds no PEM private key"))
+        return rows
+    mode = stat.S_IMODE(key_path.stat().st_mode)
+    if leaf is None:
+        rows.append(Row("ESB_KEY", SKIP, "readable; no certificate to match it against"))
+    elif _public_bytes(key.public_key()) != _public_bytes(leaf.public_key()):
+        rows.append(Row("ESB_KEY", FAIL, f"{key_path} is not the key of ESB_CERT {cert_path} "
+                                         "(a key of another certificate?)"))
+    elif mode & stat.S_IROTH:
+        rows.append(Row("ESB_KEY", WARN, f"matches ESB_CERT, but every user on this machine can read it "
+                                         f"(mode {mode:04o}): chmod 0400 or 0440"))
+    else:
+        rows.append(Row("ESB_KEY", OK, f"matches ESB_CERT (mode {mode:04o})"))
+    return rows
+
+
+def check_ca_bundle(path: Path, now: dt.datetime, warn_days: int = CERT_WARN_DAYS) -> Row:
+    """ESB_CA_BUNDLE: the CA certificates that verify the ESB; the first to expire decides."""
+    data, problem = _read(path)
+    if problem:
+        return Row("ESB_CA_BUNDLE", FAIL, f"{path} {problem}")
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        return Row("ESB_CA_BUNDLE", FAIL, f"{path} holds no PEM certificate")
+    first = min(certificates, key=lambda c: c.not_valid_after_utc)
+    return _validity("ESB_CA_BUNDLE", first, now, warn_days,
+                     f"{len(certificates)} CA certificate(s); first to expire: {_common_name(first.subject)}")
+
+
+def _validity(item: str, certificate: x509.Certificate, now: dt.datetime, warn_days: int, what: str) -> Row:
+    ends, begins = certificate.not_valid_after_utc, certificate.not_valid_before_utc
+    if now >= ends:
+        return Row(item, FAIL, f"{what}: expired on {ends:%Y-%m-%d}: renew it and point {item} at the new file")
+    if now < begins:
+        return Row(item, FAIL, f"{what}: not valid before {begins:%Y-%m-%d %H:%M} UTC (is this machine's clock right?)")
+    days = (ends - now).days
+    if days < warn_days:
+        return Row(item, WARN, f"{what}: expires on {ends:%Y-%m-%d}, {days} day(s) left: renew it soon")
+    return Row(item, OK, f"{what}: expires on {ends:%Y-%m-%d}, {days} days left")
+
+
+def _read(path: Path) -> tuple[bytes, str]:
+    if not path.is_file():
+        return b"", "does not exist or is not a file"
+    try:
+        return path.read_bytes(), ""
+    except OSError as exc:
+        return b"", f"cannot be read ({exc.strerror})"
+
+
+def _common_name(name: x509.Name) -> str:
+    names = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return f"CN={names[0].value}" if names else name.rfc4514_string() or "(no name)"
+
+
+def _public_bytes(public_key) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+# --- state ---------------------------------------------------------------------------------------------------
+
+def journal_path(state_dir: Path, app_name: str) -> Path:
+    return state_dir / f"{app_name}.journal.sqlite3"
+
+
+def check_state(state_dir: Path, journal: Path, *, in_container: bool | None = None) -> list[Row]:
+    """STATE_DIR and the journal, without creating either: a missing journal is what a first run starts with."""
+    if in_container is None:
+        in_container = Path("/.dockerenv").exists()
+    if state_dir.exists() and not state_dir.is_dir():
+        return [Row("STATE_DIR", FAIL, f"{state_dir} is not a directory")]
+    if not state_dir.exists():
+        parent = next((p for p in state_dir.parents if p.exists()), Path("/"))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return [Row("STATE_DIR", FAIL, f"{state_dir} does not exist and {parent} is not writable: create it "
+                                           f"for uid {os.getuid()}")]
+        return [Row("STATE_DIR", OK, f"{state_dir} does not exist yet; the first run creates it"),
+                Row("journal", OK, "none yet; the first run creates it")]
+    if not os.access(state_dir, os.W_OK | os.X_OK):
+        return [Row("STATE_DIR", FAIL, f"{state_dir} is not writable by uid {os.getuid()}")]
+    rows = []
+    free = shutil.disk_usage(state_dir).free
+    if free < LOW_DISK_BYTES:
+        rows.append(Row("STATE_DIR", WARN, f"{state_dir}: writable, but only {free >> 20} MiB free"))
+    elif in_container and not os.path.ismount(state_dir):
+        rows.append(Row("STATE_DIR", WARN, f"{state_dir} is not a mounted volume: the journal goes with the "
+                                           "container, and with it the no-duplicate guarantee"))
+    else:
+        rows.append(Row("STATE_DIR", OK, f"{state_dir}: writable, {free >> 20} MiB free"))
+    rows.append(_check_journal(journal))
+    return rows
+
+
+def _check_journal(path: Path) -> Row:
+    if not path.exists():
+        return Row("journal", OK, "none yet; the first run creates it")
+    if not os.access(path, os.R_OK | os.W_OK):
+        return Row("journal", FAIL, f"{path} is not readable and writable by uid {os.getuid()}")
+    try:
+        # immutable: read the file as it is, creating no -wal/-shm beside it and taking no lock a run would meet
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True, timeout=2)
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # proves it is a database
+            (layout,) = db.execute("PRAGMA user_version").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return Row("journal", FAIL, f"{path} is not a readable SQLite database ({exc}); move it aside only after "
+                                    "reading the README on the journal")
+    changed = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+    return Row("journal", OK, f"{path}: writable, layout version {layout}, last changed {changed:%Y-%m-%d %H:%M} UTC")
+
+
+# --- the table -----------------------------------------------------------------------------------------------
+
+def render_table(rows: Iterable[Row]) -> str:
+    rows = [Row(printable(r.item), r.status, printable(r.detail)) for r in rows]
+    width = max([len("ITEM")] + [len(r.item) for r in rows])
+    lines = [f"{'ITEM':<{width}}  STATUS  DETAIL"]
+    lines += [f"{r.item:<{width}}  {r.status:<6}  {r.detail}" for r in rows]
+    counts = {status: sum(r.status == status for r in rows) for status in (OK, WARN, FAIL, SKIP)}
+    verdict = "not ready: fix the FAIL rows" if counts[FAIL] else "ready"
+    lines.append(f"check: {counts[OK]} OK, {counts[WARN]} WARN, {counts[FAIL]} FAIL, {counts[SKIP]} SKIP: {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def exit_code(rows: Iterable[Row]) -> int:
+    return EXIT_NOT_READY if any(r.status == FAIL for r in rows) else EXIT_READY
+
+
+def _env_path(env: Mapping[str, str], name: str, default: str) -> Path:
+    """As settings reads it: the variable's path, else the default in the project root."""
+    value = env.get(name, "").strip()
+    return Path(value).expanduser().absolute() if value else PROJECT_ROOT / default
+
+
+def _probe(item: str, probe: Probe | None, why_not: str) -> list[Row]:
+    if probe is None:
+        return [Row(item, SKIP, why_not)]
+    try:
+        result = probe()
+    except (ConfigError, OutageError) as exc:
+        return [Row(item, FAIL, str(exc))]
+    return result if isinstance(result, list) else [result]
+
+
+def run_check(app_name: str, env: Mapping[str, str], config: Mapping, *,
+              settings_error: str | None = None,
+              fetch_metadata: Callable[[], object] | None = None,
+              esb_handshake: Probe | None = None,
+              knack_usage: Probe | None = None,
+              now: dt.datetime | None = None,
+              in_container: bool | None = None,
+              out: TextIO | None = None) -> int:
+    """Run every check, print the table, return the exit code (0 ready, 2 not).
+
+    `settings_error`: the ConfigError text of loading the settings (None when they loaded or were not tried).
+    The network callables are None when they cannot run (no valid settings to build a client from): their
+    rows are SKIPs, so the table always shows what was and was not checked.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    rows = check_environment(env, app_name)
+    if settings_error is not None:
+        rows.append(Row("settings", FAIL, settings_error))
+    app, entry_row = check_config_entry(app_name, config)
+    rows.append(entry_row)
+
+    if app is None:
+        rows.append(Row("Knack app metadata", SKIP, "config.py entry unusable"))
+    elif fetch_metadata is None:
+        rows.append(Row("Knack app metadata", SKIP, "not fetched: fix the environment first"))
+    else:
+        try:
+            metadata = fetch_metadata()
+        except (ConfigError, OutageError) as exc:
+            rows.append(Row("Knack app metadata", FAIL, str(exc)))
+        else:
+            rows += check_metadata(app, metadata)
+
+    rows += check_client_certificate(_env_path(env, "ESB_CERT", "esb.cert"), _env_path(env, "ESB_KEY", "esb.pem"), now)
+    if env.get("ESB_CA_BUNDLE", "").strip():
+        rows.append(check_ca_bundle(_env_path(env, "ESB_CA_BUNDLE", ""), now))
+    rows += _probe("ESB TLS handshake", esb_handshake, "not tried: fix the environment and certificate first")
+
+    state_dir = _env_path(env, "STATE_DIR", "state")
+    rows += check_state(state_dir, journal_path(state_dir, app_name), in_container=in_container)
+    rows += _probe("Knack usage", knack_usage, "not asked: fix the environment first")
+
+    stream = out if out is not None else sys.stdout
+    stream.write(render_table(rows))
+    stream.flush()
+    return exit_code(rows)

@@ -1,0 +1,165 @@
+"""What a run did, and the readers that report it.
+
+The run tells one `Readers` what happens (started, planned N records, each event, finished with a
+`RunReport`); every output is a reader of that same stream: the log lines (text or JSON, logs.py), the
+progress line or bar (logs.py), the metrics file (metrics.py), the dead man's switch pings (healthcheck.py).
+A new output is a new reader, not a new branch in the run's loop.
+
+A reader that cannot do its job (metrics directory gone, ping timed out) raises ReportError; the fan-out turns
+it into a warning event for the other readers and the run goes on: reporting never changes a run's outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+INFO, WARNING, ERROR = logging.INFO, logging.WARNING, logging.ERROR
+
+# Events that conclude one record; progress counts these.
+SENT, DO_NOT_SEND, FAILED, HELD = "sent", "do_not_send", "failed", "held"
+RECORD_OUTCOMES = frozenset({SENT, DO_NOT_SEND, FAILED, HELD})
+
+# The counts of a run, under the names the text summary, the JSON summary and the metrics all use.
+COUNT_NAMES = ("fetched", "sent", "do_not_send", "failed", "held", "deferred", "not_attempted")
+OUTCOME_NAMES = COUNT_NAMES[1:]  # what became of the fetched records
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 75
+
+
+class ReportError(Exception):
+    """A reader could not report (the message is safe to print: no secret, no URL path)."""
+
+
+class RecordRef(Protocol):
+    """Anything that names a record the way the log does (message.Activity fits)."""
+
+    record_id: str
+    atd_activity_id: str
+    sr_number: str
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened. `message` is readable prose without a FAILED/HELD/WARNING tag: the text
+    format adds the tag from `name` and `level`, the JSON format carries them as fields."""
+
+    name: str
+    message: str
+    level: int = INFO
+    record_id: str | None = None
+    atd_activity_id: str | None = None
+    sr_number: str | None = None
+    fields: Mapping[str, object] = field(default_factory=dict)  # extra JSON fields (numbers stay numbers)
+
+    @property
+    def about_a_record(self) -> bool:
+        return self.record_id is not None
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """The outcome of one run, as every reader sees it."""
+
+    app: str
+    exit_code: int
+    fetched: int = 0
+    sent: int = 0
+    do_not_send: int = 0
+    failed: int = 0
+    held: int = 0
+    deferred: int = 0
+    not_attempted: int = 0
+    duration_s: float = 0.0
+    stop_reason: str = ""
+    finished_at: float = field(default_factory=time.time)  # Unix time
+    dry_run: bool = False
+    rendered: int = 0  # dry run only
+    knack_calls_remaining: int | None = None  # unknown unless Knack said
+
+    def counts(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in COUNT_NAMES}
+
+    def summary_text(self) -> str:
+        """The summary line's text, as the log has always printed it."""
+        parts = [f"fetched={self.fetched}"]
+        if self.dry_run:
+            parts.append(f"rendered={self.rendered}")
+        parts += [f"{name}={getattr(self, name)}" for name in OUTCOME_NAMES]
+        parts.append(f"duration={self.duration_s:.1f}s")
+        tail = f" stopped: {self.stop_reason}" if self.stop_reason else ""
+        return f"summary{' (dry run)' if self.dry_run else ''}: {' '.join(parts)}{tail}"
+
+    def summary_fields(self) -> dict[str, object]:
+        """The summary's machine-readable fields (JSON): counts as numbers, the stop reason or null."""
+        values: dict[str, object] = dict(self.counts())
+        if self.dry_run:
+            values["rendered"] = self.rendered
+            values["dry_run"] = True
+        values.update(duration_s=round(self.duration_s, 3), exit_code=self.exit_code,
+                      stop_reason=self.stop_reason or None)
+        return values
+
+
+
+class Reader:
+    """Base of every reader: each hook does nothing unless overridden."""
+
+    def started(self, app: str) -> None:
+        """The run holds its lock and is about to read Knack."""
+
+    def planned(self, total: int) -> None:
+        """`total` records were fetched and will be worked through."""
+
+    def event(self, event: Event) -> None:
+        """Something happened (see Event)."""
+
+    def finished(self, report: RunReport) -> None:
+        """The run is over; `report` is final."""
+
+    def close(self) -> None:
+        """Release what the reader holds (threads, handlers)."""
+
+
+class Readers(Reader):
+    """The fan-out the run talks to. Readers are called in the order given: put the log last, so that the
+    warning about a metrics file or a ping that failed comes before the summary line."""
+
+    def __init__(self, readers: Iterable[Reader]):
+        self.readers = list(readers)
+
+    def started(self, app: str) -> None:
+        self._each("started", app)
+
+    def planned(self, total: int) -> None:
+        self._each("planned", total)
+
+    def event(self, event: Event) -> None:
+        for reader in self.readers:
+            reader.event(event)
+
+    def finished(self, report: RunReport) -> None:
+        self._each("finished", report)
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
+    def emit(self, name: str, message: str, *, level: int = INFO, record: RecordRef | None = None,
+             record_id: str | None = None, atd_activity_id: str | None = None, sr_number: str | None = None,
+             **extra: object) -> None:
+        """Build an Event and hand it to every reader. `record` (an Activity) fills in the three ids; a
+        record that could not be read whole passes `record_id` (and `sr_number` if known) instead."""
+        if record is not None:
+            record_id, atd_activity_id, sr_number = record.record_id, record.atd_activity_id, record.sr_number
+        self.event(Event(name, message, level, record_id, atd_activity_id, sr_number, extra))
+
+    def _each(self, hook: str, argument) -> None:
+        for reader in self.readers:
+            try:
+                getattr(reader, hook)(argument)
+            except ReportError as exc:
+                self.event(Event("report_failed", str(exc), WARNING))
