@@ -343,3 +343,45 @@ def test_real_clock_default_stop_sleeps():
     pacer.before_request()
     pacer.before_request()
     assert time.monotonic() - started >= 0.05 - 0.005
+
+
+# ----- with the Knack simulator (real HTTP, real clock) -----
+
+
+@pytest.mark.slow
+def test_against_the_simulator_the_pacer_leaves_the_others_their_share_and_tracks_the_plan():
+    import requests
+
+    from config import CONFIG
+    from simulators.activities import app_metadata
+    from simulators.knack_api import KnackSimulator
+
+    app_id = "6a1b2c3d4e5f60718293a4b5"
+    metadata = app_metadata("data-tracker", CONFIG["data-tracker"], app_id=app_id)
+    with KnackSimulator(app_id=app_id, api_key="key", metadata=metadata, rate_limit=10.0, other_clients_rps=4.0,
+                        plan_limit=5_000, plan_used=1_000) as knack:
+        knack.latency = 0.05
+        pacer = Pacer()
+        statuses = []
+        lock = threading.Lock()
+
+        def worker():
+            with requests.Session() as session:
+                for _ in range(5):
+                    ticket = pacer.before_request()
+                    answer = session.get(f"{knack.url}/applications/{app_id}", timeout=5)
+                    pacer.after_answer(answer.status_code, answer.headers, ticket)
+                    with lock:
+                        statuses.append(answer.status_code)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        assert len(statuses) == 20 and statuses.count(429) == pacer.throttled <= 5
+        assert pacer.current_rps < DEFAULT_MAX_RPS - 2  # it saw the others' four a second
+        budget = pacer.plan()
+        assert (budget.limit, budget.reserve) == (5_000, 500)
+        assert abs(budget.remaining - knack.plan_remaining()) <= 2
