@@ -134,7 +134,11 @@ class Pacer:
 
     def before_request(self) -> Ticket:
         """Wait for this request's slot. Raises StopRequested, DeadlineReached or DailyBudgetSpent instead of
-        letting it start; every Ticket returned must be given back to after_answer."""
+        letting it start; every Ticket returned must be given back to after_answer.
+
+        The stop signal only cuts a wait short: a request whose slot is free starts even after it (the record
+        in hand still gets its status update; what to start next is the caller's decision). Past the deadline
+        nothing starts, and a wait that would end after it is not begun."""
         while True:
             with self._lock:
                 self._refuse_if_plan_spent()
