@@ -3,7 +3,8 @@
 It serves the three endpoints the 311 bridge uses, with the behaviour of the real Knack API:
 
     GET /v1/applications/{app_id}                                  app metadata (no auth, like Knack)
-    GET /v1/pages/{scene}/views/{view}/records?filters=&rows_per_page=&page=   records of a view
+    GET /v1/pages/{scene}/views/{view}/records?filters=&rows_per_page=&page=&sort_field=&sort_order=
+                                                                   records of a view
     PUT /v1/objects/{object}/records/{record_id}                   update fields of one record
 
 Real-Knack behaviour reproduced on purpose, because the client must cope with it:
@@ -11,7 +12,12 @@ Real-Knack behaviour reproduced on purpose, because the client must cope with it
   and the later pages shift;
 - an empty result has total_pages 0;
 - view-based requests return only the fields shown as columns of the view;
-- at most `rate_limit` requests per second per app, beyond which Knack answers 429 without Retry-After.
+- at most `rate_limit` requests per second per app, beyond which Knack answers 429 without Retry-After;
+  other clients of the same app can be made to use part of that second (`other_clients_rps`);
+- a daily plan budget (`plan_limit`) that every request of the app spends, beyond which Knack answers 429;
+- every answer carries X-RateLimit-Limit/Remaining/Reset (this second) and X-PlanLimit-Limit/Remaining/Reset
+  (today), the resets as epoch seconds;
+- records of a view sorted by `sort_field` (numbers numerically) in `sort_order` asc or desc.
 
 Faults (slow answers, 5xx, malformed bodies, dropped connections, updates committed but answered with
 an error) are queued with `inject()` and hit the next matching requests.
@@ -37,6 +43,11 @@ _OPERATORS = ("is", "is not", "is blank", "is not blank", "contains", "does not 
 _MATCH = {"and": all, "all": all, "or": any, "any": any}
 _MAX_ROWS_PER_PAGE = 1000  # Knack's hard cap on rows_per_page
 _DEFAULT_ROWS_PER_PAGE = 25
+RATE_LIMIT_MESSAGE = "Rate limit exceeded"  # Knack's words ("API limits")
+# Knack's docs show no body for a spent daily budget; this wording is assumed. A client must go by the 429 and
+# X-PlanLimit-Remaining: 0, never by the message.
+PLAN_LIMIT_MESSAGE = "Daily API limit exceeded"
+DAY = 86_400
 
 
 @dataclass
@@ -159,6 +170,30 @@ def _rule_matches(record: dict, rule: dict) -> bool:
     return found if operator == "contains" else not found
 
 
+def _sort_value(raw: Any, display: Any) -> tuple:
+    """How Knack orders a field's values: blanks first, then numbers by value, then text (case-insensitive)."""
+    if _is_blank(raw):
+        return (0, 0.0, "")
+    if isinstance(raw, dict):  # a date: its timestamp; other compound values: what Knack displays
+        stamp = raw.get("unix_timestamp")
+        if isinstance(stamp, int | float) and not isinstance(stamp, bool):
+            return (1, float(stamp), "")
+        raw = display if isinstance(display, str) else ""
+    if isinstance(raw, list):  # connections by what they show (their identifiers)
+        raw = " ".join(str(item.get("identifier", "")) if isinstance(item, dict) else str(item)
+                       for item in raw if item is not None)
+    if isinstance(raw, bool):
+        return (2, 0.0, str(raw).lower())
+    if isinstance(raw, int | float):
+        return (1, float(raw), "")
+    text = str(raw).strip()
+    try:
+        number = float(text.replace(",", ""))
+    except ValueError:
+        return (2, 0.0, text.lower())
+    return (1, number, "") if math.isfinite(number) else (2, 0.0, text.lower())
+
+
 def _positive_int(query: dict[str, str], name: str, default: int) -> int:
     text = query.get(name)
     if text in (None, ""):
@@ -221,6 +256,11 @@ class KnackSimulator:
         api_key: str,
         metadata: dict,
         rate_limit: float | None = 10.0,
+        other_clients_rps: float = 0.0,
+        plan_limit: int | None = 25_000,
+        plan_used: int = 0,
+        plan_reset_at: float | None = None,
+        plan_reset_format: str = "epoch",
         max_rows_per_page: int = 1000,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -228,6 +268,19 @@ class KnackSimulator:
         self.app_id = app_id
         self.api_key = api_key
         self.rate_limit = rate_limit
+        # Requests a second that other clients of the app (Zapier, the app's own pages...) make, evenly spaced.
+        # They take their part of Knack's second and of the daily budget, and never show in request_log.
+        self.other_clients_rps = other_clients_rps
+        self.other_requests = 0  # those the rate limit let through
+        # The daily plan budget (Knack: Starter 1,000, Pro 5,000, Corporate 10,000, Plus 25,000); None: no
+        # budget and no X-PlanLimit headers. plan_used is what the app's users spent today before the test.
+        if plan_reset_format not in ("epoch", "ms_until"):
+            raise ValueError("plan_reset_format is 'epoch' (epoch seconds) or 'ms_until' (milliseconds until it)")
+        self.plan_limit = plan_limit
+        self.plan_used = plan_used
+        self.plan_reset_at = plan_reset_at  # epoch seconds; None: the next midnight UTC
+        # Knack's docs say epoch seconds; answers seen from real apps read as milliseconds until the reset.
+        self.plan_reset_format = plan_reset_format
         self.max_rows_per_page = max_rows_per_page
         self.host = host
         self.port = port
@@ -239,6 +292,7 @@ class KnackSimulator:
         self._records: dict[str, dict[str, dict]] = {}  # object key -> record id -> record (insertion order)
         self._faults: list[_Fault] = []
         self._window: collections.deque[float] = collections.deque()  # arrival times of admitted requests
+        self._next_other: float | None = None  # when the other clients make their next request
         self._connections: set[socket.socket] = set()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -307,6 +361,17 @@ class KnackSimulator:
     def record(self, object_key: str, record_id: str) -> dict:
         with self._lock:
             return copy.deepcopy(self._records[object_key][record_id])
+
+    def reset_plan(self, used: int = 0) -> None:
+        """A new day: the daily budget is whole again (less `used`)."""
+        with self._lock:
+            self.plan_used = used
+            if self.plan_reset_at is not None:
+                self.plan_reset_at += DAY
+
+    def plan_remaining(self) -> int | None:
+        with self._lock:
+            return None if self.plan_limit is None else max(0, self.plan_limit - self.plan_used)
 
     def set_metadata(self, metadata: dict) -> None:
         with self._lock:
@@ -456,30 +521,89 @@ class KnackSimulator:
             headers.get("X-Knack-Application-Id") != self.app_id or headers.get("X-Knack-REST-API-Key") != self.api_key
         ):
             return _error(401, "Invalid API key or application id")
-        if not self._admit():
-            return _error(429, "Rate limit exceeded")
+        admitted, limit_headers = self._admit()
+        if admitted is None:
+            reply = _error(429, PLAN_LIMIT_MESSAGE)
+        elif not admitted:
+            reply = _error(429, RATE_LIMIT_MESSAGE)
+        else:
+            try:
+                if is_metadata:
+                    reply = self._metadata_reply(parts[2])
+                elif is_view_records:
+                    reply = self._view_records(parts[2], parts[4], query)
+                else:
+                    reply = self._update(parts[2], parts[4], body)
+            except _BadRequest as bad:
+                reply = _error(400, str(bad))
+        reply.headers.update(limit_headers)
+        return reply
 
-        try:
-            if is_metadata:
-                return self._metadata_reply(parts[2])
-            if is_view_records:
-                return self._view_records(parts[2], parts[4], query)
-            return self._update(parts[2], parts[4], body)
-        except _BadRequest as bad:
-            return _error(400, str(bad))
-
-    def _admit(self) -> bool:
-        """Knack's per-app rate limit: a sliding one-second window; refused requests do not count."""
-        if self.rate_limit is None:
-            return True
-        now = time.monotonic()
+    def _admit(self) -> tuple[bool | None, dict[str, str]]:
+        """Knack's limits for one request of the app: (True, headers) to serve it; (False, ...) when the second
+        is used up; (None, ...) when the day's plan budget is. Every request spends the daily budget, even one
+        refused for the second; the per-second window is a sliding one, and refused requests do not count."""
         with self._lock:
-            while self._window and now - self._window[0] >= 1.0:
-                self._window.popleft()
-            if len(self._window) >= self.rate_limit:
-                return False
-            self._window.append(now)
-            return True
+            now, wall = time.monotonic(), time.time()
+            self._other_clients_until(now)
+            admitted: bool | None = True
+            if self.plan_limit is not None and self.plan_used >= self.plan_limit:
+                admitted = None
+            else:
+                self.plan_used += 1
+                if self.rate_limit is not None:
+                    self._expire(now)
+                    admitted = len(self._window) < self.rate_limit
+                    if admitted:
+                        self._window.append(now)
+            return admitted, self._limit_headers(now, wall)
+
+    def _expire(self, now: float) -> None:
+        while self._window and now - self._window[0] >= 1.0:
+            self._window.popleft()
+
+    def _other_clients_until(self, now: float) -> None:
+        """The requests the other clients made since the last request of ours (all earlier than it, so the
+        window stays in time order)."""
+        if self.other_clients_rps <= 0:
+            self._next_other = None
+            return
+        if self._next_other is None:
+            self._next_other = now
+        while self._next_other <= now:
+            at = self._next_other
+            self._next_other += 1.0 / self.other_clients_rps
+            if self.plan_limit is not None and self.plan_used >= self.plan_limit:
+                continue
+            self.plan_used += 1
+            if self.rate_limit is not None:
+                self._expire(at)
+                if len(self._window) >= self.rate_limit:
+                    continue
+                self._window.append(at)
+            self.other_requests += 1
+
+    def _limit_headers(self, now: float, wall: float) -> dict[str, str]:
+        headers = {}
+        if self.rate_limit is not None:
+            self._expire(now)
+            # A sliding window has room again when its oldest request leaves it; Knack sends whole seconds.
+            frees_at = wall + (self._window[0] + 1.0 - now) if self._window else wall
+            headers.update({
+                "X-RateLimit-Limit": f"{self.rate_limit:g}",
+                "X-RateLimit-Remaining": str(max(0, math.floor(self.rate_limit) - len(self._window))),
+                "X-RateLimit-Reset": str(math.ceil(frees_at)),
+            })
+        if self.plan_limit is not None:
+            resets_at = self.plan_reset_at if self.plan_reset_at is not None else (wall // DAY + 1) * DAY
+            reset = (str(math.ceil(resets_at)) if self.plan_reset_format == "epoch"
+                     else str(max(0, round((resets_at - wall) * 1000))))
+            headers.update({
+                "X-PlanLimit-Limit": str(self.plan_limit),
+                "X-PlanLimit-Remaining": str(max(0, self.plan_limit - self.plan_used)),
+                "X-PlanLimit-Reset": reset,
+            })
+        return headers
 
     def _metadata_reply(self, app_id: str) -> _Reply:
         if app_id != self.app_id:
@@ -501,11 +625,19 @@ class KnackSimulator:
             _positive_int(query, "rows_per_page", _DEFAULT_ROWS_PER_PAGE), _MAX_ROWS_PER_PAGE, self.max_rows_per_page
         )
         page = _positive_int(query, "page", 1)
+        sort_field = query.get("sort_field", "")
+        sort_order = query.get("sort_order", "asc").lower() or "asc"
+        if sort_order not in ("asc", "desc"):
+            raise _BadRequest("sort_order must be asc or desc")
         with self._lock:
             view = self._find_view(scene_key, view_key)
             if view is None:
                 return _error(404, f"View {view_key} not found in scene {scene_key}")
             object_key = view.get("source", {}).get("object")
+            known = self._field_keys(object_key)
+            if sort_field and known is not None and sort_field not in known:
+                # stricter than Knack may be, so that a wrong key in a test shows at once
+                raise _BadRequest(f"sort_field {sort_field!r} is not a field of {object_key}")
             # Filters run against the current state on every request: records updated since the
             # previous page no longer match, and later pages shift (the real Knack behaviour).
             matching = [
@@ -513,6 +645,10 @@ class KnackSimulator:
                 for record in self._records.get(object_key, {}).values()
                 if match(_rule_matches(record, rule) for rule in rules)
             ]
+            if sort_field:  # a stable sort: equal values keep the order the records were added in
+                matching.sort(key=lambda r: _sort_value(r.get(f"{sort_field}_raw", r.get(sort_field)),
+                                                        r.get(sort_field)),
+                              reverse=sort_order == "desc")
             columns = {
                 column["field"]["key"]
                 for column in view.get("columns", [])

@@ -464,6 +464,150 @@ def test_metadata_requests_count_toward_the_rate_limit(make_sim):
     assert statuses == [200, 200, 200, 429]
 
 
+def test_every_answer_carries_the_per_second_state(make_sim):
+    sim = make_sim(rate_limit=10.0)
+
+    with requests.Session() as session:
+        before = time.time()
+        answers = [session.get(view_url(sim), headers=AUTH, timeout=TIMEOUT) for _ in range(12)]
+
+    limits = {a.headers["X-RateLimit-Limit"] for a in answers}
+    remaining = [int(a.headers["X-RateLimit-Remaining"]) for a in answers]
+    assert limits == {"10"}
+    assert remaining[:10] == list(range(9, -1, -1))  # each admitted request takes one of the second
+    assert [a.status_code for a in answers[10:]] == [429, 429] and remaining[10:] == [0, 0]
+    resets = {int(a.headers["X-RateLimit-Reset"]) for a in answers}  # whole epoch seconds, like Knack's
+    assert all(before < reset <= before + 2 for reset in resets)
+
+
+def test_waiting_until_the_rate_limit_reset_is_enough(make_sim):
+    sim = make_sim(rate_limit=3.0)
+    with requests.Session() as session:
+        answers = [session.get(view_url(sim), headers=AUTH, timeout=TIMEOUT) for _ in range(4)]
+        refused = answers[-1]
+        time.sleep(max(0.0, int(refused.headers["X-RateLimit-Reset"]) - time.time()))
+        after_reset = session.get(view_url(sim), headers=AUTH, timeout=TIMEOUT)
+
+    assert refused.status_code == 429
+    assert after_reset.status_code == 200
+
+
+def test_every_request_spends_the_daily_plan_and_a_spent_plan_is_429(make_sim):
+    sim = make_sim(rate_limit=2.0, plan_limit=5, plan_used=1)
+
+    with requests.Session() as session:
+        metadata = session.get(f"{sim.url}/applications/{APP_ID}", timeout=TIMEOUT)
+        reads = [session.get(view_url(sim), headers=AUTH, timeout=TIMEOUT) for _ in range(3)]  # 2 of 2 per second
+        spent = session.get(view_url(sim), headers=AUTH, timeout=TIMEOUT)
+
+    answers = [metadata, *reads, spent]
+    assert [a.status_code for a in answers] == [200, 200, 429, 429, 429]
+    assert [a.headers["X-PlanLimit-Remaining"] for a in answers] == ["3", "2", "1", "0", "0"]
+    assert {a.headers["X-PlanLimit-Limit"] for a in answers} == {"5"}
+    assert reads[2].json() == {"errors": [{"message": "Rate limit exceeded"}]}
+    assert spent.json()["errors"][0]["message"] != "Rate limit exceeded"
+    assert sim.plan_remaining() == 0
+
+    sim.reset_plan()
+    time.sleep(1.0)  # and a new second
+    assert get_page(sim).headers["X-PlanLimit-Remaining"] == "4"
+
+
+def test_the_plan_resets_at_midnight_utc_unless_told_otherwise(make_sim):
+    default = make_sim()
+    fixed = make_sim(plan_reset_at=1_900_000_000)
+    in_ms = make_sim(plan_reset_at=time.time() + 3600, plan_reset_format="ms_until")
+
+    midnight = (time.time() // 86_400 + 1) * 86_400
+    assert int(get_page(default).headers["X-PlanLimit-Reset"]) == midnight
+    assert get_page(fixed).headers["X-PlanLimit-Reset"] == "1900000000"
+    assert 3_590_000 < int(get_page(in_ms).headers["X-PlanLimit-Reset"]) <= 3_600_000
+    assert get_page(default).headers["X-PlanLimit-Limit"] == "25000"
+
+
+def test_without_limits_no_limit_headers(make_sim):
+    sim = make_sim(rate_limit=None, plan_limit=None)
+
+    answer = get_page(sim)
+
+    assert answer.status_code == 200
+    assert not [name for name in answer.headers if name.lower().startswith(("x-ratelimit", "x-planlimit"))]
+
+
+def test_other_clients_use_part_of_the_second_and_of_the_plan(make_sim):
+    sim = make_sim(rate_limit=10.0, other_clients_rps=6.0, plan_limit=1_000)
+    with requests.Session() as session:
+        session.get(view_url(sim), headers=AUTH, timeout=TIMEOUT)
+        time.sleep(1.0)  # the others make their requests all along
+        burst = [session.get(view_url(sim), headers=AUTH, timeout=TIMEOUT) for _ in range(10)]
+
+    admitted = [a for a in burst if a.status_code == 200]
+    assert 1 <= len(admitted) <= 5  # the others took about six of the second
+    assert int(burst[0].headers["X-RateLimit-Remaining"]) <= 4
+    assert sim.other_requests >= 6
+    assert sim.plan_remaining() == 1_000 - 11 - sim.other_requests
+    assert len(sim.request_log) == 11  # the others never show in the log
+
+
+# ----- sorting -----
+
+
+def test_records_sort_by_a_number_field_numerically_in_either_order(sim):
+    records = [activities(1, start=n)[0] for n in (10, 2, 33, 1)]
+    sim.add_records(DT["obj"], records)
+    atd = DT_FIELDS["atd_activity_id"]
+
+    def keys(**params):
+        answer = requests.get(view_url(sim), params=params, headers=AUTH, timeout=TIMEOUT)
+        return [r[f"{atd}_raw"] for r in answer.json()["records"]]
+
+    assert keys() == [10, 2, 33, 1]  # no sort: the order they were added in
+    assert keys(sort_field=atd) == [1, 2, 10, 33]  # asc by default
+    assert keys(sort_field=atd, sort_order="asc") == [1, 2, 10, 33]
+    assert keys(sort_field=atd, sort_order="desc") == [33, 10, 2, 1]
+
+
+def test_text_sorts_case_insensitively_with_blanks_first_and_ties_keep_their_order(sim):
+    names = ["beta", "Alpha", "", "alpha", "12"]
+    records = [activities(1, start=n + 1, activity_name=name)[0] for n, name in enumerate(names)]
+    sim.add_records(DT["obj"], records)
+    name_field = DT_FIELDS["activity_name"]
+
+    answer = requests.get(view_url(sim), params={"sort_field": name_field}, headers=AUTH, timeout=TIMEOUT).json()
+
+    assert [r[f"{name_field}_raw"] for r in answer["records"]] == ["", "12", "Alpha", "alpha", "beta"]
+
+
+def test_sorted_pages_read_again_from_page_one_while_marking(sim):
+    """The paging the bridge relies on: sorted by atd_activity_id, marked records drop out of page 1."""
+    records = activities(25)
+    sim.add_records(DT["obj"], list(reversed(records)))  # added in the opposite order
+    atd = DT_FIELDS["atd_activity_id"]
+    params = {"filters": json.dumps(READY_WITH_EMI), "rows_per_page": 10, "sort_field": atd, "sort_order": "asc"}
+
+    def page_one():
+        return requests.get(view_url(sim), params=params, headers=AUTH, timeout=TIMEOUT).json()
+
+    first = page_one()
+    for record in first["records"][:7]:  # seven marked; three (say, failed) stay READY_TO_SEND
+        set_status(sim, record["id"], "SENT")
+    second = page_one()
+
+    assert [r[f"{atd}_raw"] for r in first["records"]] == list(range(1, 11))
+    assert [r[f"{atd}_raw"] for r in second["records"]] == [8, 9, 10, *range(11, 18)]
+    assert (second["total_records"], second["total_pages"]) == (18, 2)
+
+
+@pytest.mark.parametrize("params", [{"sort_field": "field_999999"}, {"sort_field": DT_FIELDS["atd_activity_id"],
+                                                                     "sort_order": "up"}],
+                         ids=["unknown-field", "unknown-order"])
+def test_invalid_sorting_is_400(sim, params):
+    answer = requests.get(view_url(sim), params=params, headers=AUTH, timeout=TIMEOUT)
+
+    assert answer.status_code == 400
+    assert answer.json()["errors"][0]["message"]
+
+
 # ----- faults -----
 
 
