@@ -141,7 +141,11 @@ class Journal:
 
     def close(self) -> None:
         if self._db is not None:
-            self._db.close()
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass  # a journal that failed mid-run may fail its last checkpoint too; the WAL keeps the commits
+            self._db = None
 
     def _execute(self, sql: str, parameters=()) -> sqlite3.Cursor:
         try:

@@ -345,8 +345,7 @@ def _keep_run(journal: Journal | None, run_id: int | None, summary: Summary, exi
     try:
         journal.finish_run(run_id, summary.counts(), exit_code, reason or summary.stop_reason)
     except JournalError as exc:
-        if journal.failure == str(exc):
-            log(f"WARNING: this run's counts could not be kept in the journal ({exc})")
+        log(f"WARNING: this run's counts could not be kept in the journal ({exc})")
 
 
 def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, journal: Journal | None, log: Log,
