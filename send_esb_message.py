@@ -2,12 +2,14 @@
 """Send Knack 311 activity records to the city's Enterprise Service Bus (ESB).
 
     python send_esb_message.py APP_NAME [--dry-run] [--max-runtime SECONDS]
+    python send_esb_message.py APP_NAME --report
 
 Exit codes: 0 all done (or deferred by the time budget), 1 a record failed or the run stopped early,
 2 usage or configuration error, 75 another run for the app is active. See README.md.
 """
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -20,16 +22,32 @@ signal.signal(signal.SIGINT, signal.SIG_DFL)
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # runnable from any working directory
 
 from knack311.errors import ConfigError  # noqa: E402
-from knack311.run import EXIT_CONFIG, run  # noqa: E402
-from knack311.settings import DEFAULT_MAX_RUNTIME, load_settings  # noqa: E402
+from knack311.run import EXIT_CONFIG, report, run  # noqa: E402
+from knack311.settings import DEFAULT_MAX_RUNTIME, PROJECT_ROOT, load_app, load_settings  # noqa: E402
+
+
+def seconds(text: str) -> float:
+    """--max-runtime: a positive, finite number of seconds (nan and inf would disable the budget silently)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, not {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Send Knack 311 activity records to the ESB.")
     parser.add_argument("app_name", metavar="APP_NAME", help="a Knack app configured in config.py")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="fetch and render, print each message; send nothing and change nothing in Knack")
-    parser.add_argument("--max-runtime", type=float, default=DEFAULT_MAX_RUNTIME, metavar="SECONDS",
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true",
+                      help="fetch and render, print each message; send nothing and change nothing in Knack")
+    mode.add_argument("--report", action="store_true",
+                      help="print what the delivery journal knows (deliveries not yet marked SENT or in doubt, "
+                           "records that keep failing, the last runs); contacts neither Knack nor the ESB and "
+                           "needs only STATE_DIR")
+    parser.add_argument("--max-runtime", type=seconds, default=DEFAULT_MAX_RUNTIME, metavar="SECONDS",
                         help=f"start no new record after this many seconds (default {DEFAULT_MAX_RUNTIME:g})")
     args = parser.parse_args(argv)
     try:
@@ -37,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             from config import CONFIG
         except Exception as exc:  # a broken config.py is a configuration error, not a crash
             raise ConfigError(f"config.py cannot be loaded: {type(exc).__name__}: {exc}") from None
+        if args.report:
+            app = load_app(args.app_name, CONFIG)
+            # the same STATE_DIR rule as load_settings, without asking for the Knack and ESB settings
+            state_dir = os.environ.get("STATE_DIR", "").strip()
+            return report(app.name, Path(state_dir).expanduser().absolute() if state_dir else PROJECT_ROOT / "state")
         settings = load_settings(args.app_name, dict(os.environ), CONFIG, dry_run=args.dry_run,
                                  max_runtime=args.max_runtime)
         return run(settings)

@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -180,6 +181,15 @@ class KnackClient:
         held = record.get(f"{status_field}_raw", record.get(status_field, status))
         if held != status:
             raise OutageError(f"Knack {what}: answered but the record still says {str(held)[:40]!r}, not {status}")
+
+    # Minimal stand-in for the knackapi branch's version (same signature); the lead keeps that one at merge.
+    def record_status(self, obj: str, record_id: str, status_field: str) -> str:
+        """One record's status raw value, read with one GET of the record (raises OutageError on failure)."""
+        what = f"read of record {record_id}"
+        record = self._request("GET", f"/objects/{obj}/records/{quote(record_id, safe='')}", what)
+        if not isinstance(record, dict):
+            raise OutageError(f"Knack {what}: reply is not a record")
+        return str(record.get(f"{status_field}_raw", record.get(status_field, "")))
 
 
 class KnackHTTPError(OutageError):

@@ -285,6 +285,7 @@ class KnackSimulator:
         self.host = host
         self.port = port
         self.latency = 0.0
+        self.ignore_filters = False  # answer view requests as if no filter had been sent (seen from real Knack)
         self.request_log: list[LoggedRequest] = []
         self.updates: list[tuple[str, str, dict]] = []
         self._lock = threading.Lock()
@@ -513,7 +514,8 @@ class KnackSimulator:
             and parts[5] == "records"
         )
         is_update = method == "PUT" and len(parts) == 5 and parts[:2] == ["v1", "objects"] and parts[3] == "records"
-        if not (is_metadata or is_view_records or is_update):
+        is_record = method == "GET" and len(parts) == 5 and parts[:2] == ["v1", "objects"] and parts[3] == "records"
+        if not (is_metadata or is_view_records or is_update or is_record):
             return _error(404, f"Not found: {method} {path}")
 
         # The metadata is public in Knack; everything else needs the app id and API key headers.
@@ -532,6 +534,8 @@ class KnackSimulator:
                     reply = self._metadata_reply(parts[2])
                 elif is_view_records:
                     reply = self._view_records(parts[2], parts[4], query)
+                elif is_record:
+                    reply = self._record_reply(parts[2], parts[4])
                 else:
                     reply = self._update(parts[2], parts[4], body)
             except _BadRequest as bad:
@@ -621,6 +625,8 @@ class KnackSimulator:
 
     def _view_records(self, scene_key: str, view_key: str, query: dict[str, str]) -> _Reply:
         match, rules = _parse_filters(query.get("filters"))
+        if self.ignore_filters:
+            rules = []
         rows_per_page = min(
             _positive_int(query, "rows_per_page", _DEFAULT_ROWS_PER_PAGE), _MAX_ROWS_PER_PAGE, self.max_rows_per_page
         )
@@ -683,6 +689,14 @@ class KnackSimulator:
             if obj.get("key") == object_key:
                 return {f["key"] for f in obj.get("fields", [])}
         return None
+
+    def _record_reply(self, object_key: str, record_id: str) -> _Reply:
+        # GET /v1/objects/{object}/records/{id}: the whole record, as Knack answers an object-based read.
+        with self._lock:
+            record = self._records.get(object_key, {}).get(record_id)
+            if record is None:
+                return _error(404, f"Record {record_id} not found in {object_key}")
+            return _json_reply(200, record)
 
     def _update(self, object_key: str, record_id: str, body: bytes) -> _Reply:
         try:

@@ -11,7 +11,20 @@ from pathlib import Path
 import pytest
 
 from knack311.errors import ConfigError
-from knack311.journal import DELIVERED, DONE, SENDING, Journal, RunLock, prepare_state_dir
+from knack311.journal import (
+    DELIVERED,
+    DONE,
+    KEEP_RUNS,
+    LAYOUT,
+    LAYOUT_VERSION,
+    SENDING,
+    Entry,
+    Journal,
+    RunLock,
+    message_hash,
+    prepare_state_dir,
+    read_report,
+)
 
 DAY = 24 * 3600
 
@@ -264,19 +277,19 @@ def test_prepare_state_dir_under_a_file(tmp_path):
         prepare_state_dir(blocker / "state")
 
 
-def test_delivered_entries_of_records_no_longer_ready_are_closed(journal):
+def test_unfinished_entries_of_records_no_longer_ready_are_listed_for_confirmation(journal):
     journal.set("still-ready", DELIVERED, "EMI-1", "h1")
-    journal.set("now-sent", DELIVERED, "EMI-2", "h2")
-    journal.set("in-flight", SENDING, "EMI-3", "h3")
+    journal.set("not-listed", DELIVERED, "EMI-2", "h2")
+    journal.set("in-doubt", SENDING, "EMI-3", "h3")
+    journal.set("in-flight", SENDING, "EMI-5", "h5")
     journal.set("finished", DONE, "EMI-4", "h4")
 
-    assert journal.close_delivered_except({"still-ready", "in-flight"}) == 1
+    stale = journal.unfinished_except({"still-ready", "in-flight"})
 
-    assert journal.get("now-sent").state == DONE          # Knack already says SENT: a resend will be honoured
-    assert journal.get("still-ready").state == DELIVERED  # its status update is still to do
-    assert journal.get("in-flight").state == SENDING      # outcome unknown: left alone
+    # only listed, never closed here: the run confirms each with Knack first
+    assert [(e.record_id, e.state) for e in stale] == [("not-listed", DELIVERED), ("in-doubt", SENDING)]
+    assert journal.get("not-listed").state == DELIVERED
     assert journal.get("finished").state == DONE
-    assert journal.get("now-sent").emi == "EMI-2"
 
 
 def test_a_journal_that_stops_accepting_writes_is_an_outage_not_a_crash(journal_path):
@@ -288,3 +301,208 @@ def test_a_journal_that_stops_accepting_writes_is_an_outage_not_a_crash(journal_
         journal.set("rec-1", SENDING, "EMI-1", "h")
     with pytest.raises(OutageError):
         journal.get("rec-1")
+
+
+# --- the note of a `sending` entry ----------------------------------------------------------------------------
+
+def test_a_note_says_why_an_entry_is_in_doubt_and_a_state_change_clears_it(journal):
+    journal.set("rec1", SENDING, emi="EMI-1", message_hash="h1")
+    journal.set("rec1", SENDING, note="no answer from the ESB (timed out)")
+    entry = journal.get("rec1")
+    assert (entry.state, entry.message_hash, entry.note) == (SENDING, "h1", "no answer from the ESB (timed out)")
+    journal.set("rec1", DELIVERED)
+    assert journal.get("rec1").note == ""
+
+
+# --- the table layout: versioned, the shipped one upgraded, any other refused ----------------------------------
+
+V0_DELIVERIES = """CREATE TABLE deliveries (
+    record_id TEXT PRIMARY KEY, state TEXT NOT NULL, emi TEXT NOT NULL,
+    message_hash TEXT NOT NULL, updated REAL NOT NULL)"""
+
+
+def make_db(path: Path, *statements: str, version: int = 0) -> None:
+    db = sqlite3.connect(str(path))
+    with db:
+        for statement in statements:
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version = {version}")
+    db.close()
+
+
+def layout(path: Path) -> tuple[int, dict[str, list[str]]]:
+    db = sqlite3.connect(str(path))
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = [n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return version, {t: [row[1] for row in db.execute(f"PRAGMA table_info({t})")] for t in tables}
+    finally:
+        db.close()
+
+
+def test_a_new_journal_gets_the_current_layout(journal, journal_path):
+    version, tables = layout(journal_path)
+    assert version == LAYOUT_VERSION == 1
+    assert tables == {name: list(columns) for name, columns in LAYOUT.items()}
+
+
+def test_the_shipped_layout_is_upgraded_in_place_keeping_every_entry(journal_path):
+    make_db(journal_path, V0_DELIVERIES,
+            "INSERT INTO deliveries VALUES ('rec1', 'delivered', 'EMI-1', 'old-formula-hash', 1700000000.0)",
+            "INSERT INTO deliveries VALUES ('rec2', 'sending', 'EMI-2', 'old-formula-hash-2', 1700000001.0)",
+            "INSERT INTO deliveries VALUES ('rec3', 'done', 'EMI-3', 'h3', 1e12)")
+
+    j = Journal(journal_path)
+    try:
+        assert j.get("rec1") == Entry("rec1", DELIVERED, "EMI-1", "", 1700000000.0, "")
+        assert j.get("rec2").state == SENDING and j.get("rec2").note == ""
+        assert j.get("rec3").state == DONE
+        j.record_failure("rec4", "20-1", "why", run_id=j.start_run())  # the new tables work
+    finally:
+        j.close()
+    version, tables = layout(journal_path)
+    assert version == 1
+    assert tables == {name: list(columns) for name, columns in LAYOUT.items()}
+    Journal(journal_path).close()  # and opens again as the current layout
+
+
+@pytest.mark.parametrize("statements, version, named", [
+    ([V0_DELIVERIES.replace("updated REAL NOT NULL", "updated REAL NOT NULL, attempts INTEGER")], 0,
+     "extra column attempts"),
+    ([V0_DELIVERIES.replace(", emi TEXT NOT NULL", "")], 0, "missing column emi"),
+    (["CREATE TABLE outbox (id TEXT)"], 0, "unknown table outbox"),
+    ([V0_DELIVERIES], 1, "no table failures"),
+    ([V0_DELIVERIES], 7, "layout version 7"),
+], ids=["v0-extra-column", "v0-missing-column", "v0-unknown-table", "v1-missing-tables", "newer-version"])
+def test_another_layout_is_refused_at_open_and_left_untouched(journal_path, statements, version, named):
+    make_db(journal_path, *statements, version=version)
+    before = layout(journal_path)
+
+    with pytest.raises(ConfigError) as err:
+        Journal(journal_path)
+
+    assert str(journal_path) in str(err.value)
+    assert named in str(err.value)
+    assert layout(journal_path) == before
+
+
+def test_a_current_layout_with_an_extra_column_is_refused(journal_path):
+    Journal(journal_path).close()
+    db = sqlite3.connect(str(journal_path))
+    db.execute("ALTER TABLE failures ADD COLUMN owner TEXT")
+    db.close()
+    with pytest.raises(ConfigError, match="extra column owner"):
+        Journal(journal_path)
+
+
+# --- failures: since when, in how many runs -------------------------------------------------------------------
+
+def test_a_failure_counts_each_run_once_and_keeps_its_first_time(journal):
+    first_run = journal.start_run()
+    one = journal.record_failure("rec1", "20-1", "activity 'X' has no 311 code", first_run)
+    again_same_run = journal.record_failure("rec1", "20-1", "still no code", first_run)
+    assert (one.runs, again_same_run.runs) == (1, 1)
+
+    second = journal.record_failure("rec1", "20-1", "ESB rejected it", journal.start_run())
+    assert second.runs == 2
+    assert second.first_failed == one.first_failed
+    assert second.last_reason == "ESB rejected it"
+    assert [f.record_id for f in journal.failures()] == ["rec1"]
+
+    journal.clear_failure("rec1")
+    assert journal.failures() == []
+
+
+def test_failures_of_records_no_longer_ready_are_forgotten(journal):
+    run_id = journal.start_run()
+    for record_id in ("still-failing", "fixed-by-staff"):
+        journal.record_failure(record_id, "", "why", run_id)
+    journal.clear_failures_except({"still-failing", "other"})
+    assert [f.record_id for f in journal.failures()] == ["still-failing"]
+
+
+# --- runs ------------------------------------------------------------------------------------------------------
+
+def test_runs_are_kept_with_their_counts_and_only_the_last_100(journal_path):
+    j = Journal(journal_path)
+    try:
+        ids = [j.start_run() for _ in range(KEEP_RUNS + 5)]
+        j.finish_run(ids[-1], {"fetched": 3, "sent": 2, "failed": 1}, 1, "received SIGTERM")
+    finally:
+        j.close()
+    found = read_report(journal_path, last_runs=1000)
+    assert len(found.runs) == KEEP_RUNS
+    newest = found.runs[0]
+    assert newest.run_id == ids[-1]
+    assert newest.counts["fetched"] == 3 and newest.counts["sent"] == 2 and newest.counts["failed"] == 1
+    assert (newest.exit_code, newest.stop_reason) == (1, "received SIGTERM")
+    assert found.runs[1].ended is None  # a run that never finished (killed) shows as such
+
+
+def test_runs_older_than_30_days_are_dropped(journal_path):
+    j = Journal(journal_path)
+    old = j.start_run()
+    j.close()
+    db = sqlite3.connect(str(journal_path))
+    with db:
+        db.execute("UPDATE runs SET started = ? WHERE run_id = ?", (time.time() - 31 * DAY, old))
+    db.close()
+    j = Journal(journal_path)
+    try:
+        new = j.start_run()
+    finally:
+        j.close()
+    assert [r.run_id for r in read_report(journal_path).runs] == [new]
+
+
+# --- reading for --report --------------------------------------------------------------------------------------
+
+def test_read_report_without_a_journal_is_none(tmp_path):
+    assert read_report(tmp_path / "none.sqlite3") is None
+    assert not (tmp_path / "none.sqlite3").exists()
+
+
+def test_read_report_changes_nothing_and_sorts_the_entries(journal_path):
+    j = Journal(journal_path)
+    j.set("d1", DELIVERED, "E1", "h")
+    j.set("s1", SENDING, "E2", "h", note="no answer from the ESB")
+    j.set("x1", DONE, "E3", "h")
+    j.close()
+    before = journal_path.read_bytes()
+
+    found = read_report(journal_path)
+
+    assert [e.record_id for e in found.delivered] == ["d1"]
+    assert [(e.record_id, e.note) for e in found.sending] == [("s1", "no answer from the ESB")]
+    assert journal_path.read_bytes() == before
+
+
+def test_read_report_of_the_shipped_layout_and_of_an_unknown_one(journal_path):
+    make_db(journal_path, V0_DELIVERIES,
+            "INSERT INTO deliveries VALUES ('rec1', 'delivered', 'EMI-1', 'h', 1700000000.0)")
+    found = read_report(journal_path)
+    assert found.layout_version == 0 and [e.record_id for e in found.delivered] == ["rec1"]
+    assert layout(journal_path)[0] == 0  # reading does not upgrade
+
+    make_db(journal_path, "ALTER TABLE deliveries ADD COLUMN extra TEXT", version=0)
+    with pytest.raises(ConfigError, match="extra column extra"):
+        read_report(journal_path)
+
+
+# --- what makes two messages the same --------------------------------------------------------------------------
+
+def _message(details: str, stamp: str) -> bytes:
+    # written out rather than rendered, so the test does not depend on the template's variable names
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"
+    xmlns:acc="http://www.austintexas.gov/AcceptKnack/"><soapenv:Header/><soapenv:Body><acc:submitKnack>
+  <header><emi>EMI-1</emi><timestamp>{stamp}</timestamp><source>KNACK</source></header>
+  <data><csr><id>rec1</id><sr_number>20-1</sr_number><activity_details>{details}</activity_details></csr></data>
+</acc:submitKnack></soapenv:Body></soapenv:Envelope>""".encode()
+
+
+def test_message_hash_ignores_the_timestamp_but_not_the_values():
+    a = message_hash(_message("bulb out", "2024-07-04T10:00:00-05:00"))
+    assert a == message_hash(_message("bulb out", "2025-01-01T00:00:00-06:00"))
+    assert a != message_hash(_message("bulb out, pole leaning", "2024-07-04T10:00:00-05:00"))
+    assert a != message_hash(_message("bulb out ", "2024-07-04T10:00:00-05:00"))  # as typed, spaces count
