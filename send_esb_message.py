@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Send Knack 311 activity records to the city's Enterprise Service Bus (ESB).
 
-    python send_esb_message.py APP_NAME [--dry-run] [--max-runtime SECONDS]
+    python send_esb_message.py APP_NAME [--dry-run] [--max-runtime SECONDS] [--log-format text|json] [--progress]
     python send_esb_message.py APP_NAME --report
 
 Exit codes: 0 all done (or deferred by the time budget), 1 a record failed or the run stopped early,
@@ -22,7 +22,11 @@ signal.signal(signal.SIGINT, signal.SIG_DFL)
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # runnable from any working directory
 
 from knack311.errors import ConfigError  # noqa: E402
-from knack311.run import EXIT_CONFIG, report, run  # noqa: E402
+from knack311.healthcheck import healthcheck_url  # noqa: E402
+from knack311.journal_report import report  # noqa: E402
+from knack311.logs import LOG_FORMATS, log_format_setting, progress_setting  # noqa: E402
+from knack311.metrics import metrics_path  # noqa: E402
+from knack311.run import EXIT_CONFIG, Reporting, run  # noqa: E402
 from knack311.settings import DEFAULT_MAX_RUNTIME, PROJECT_ROOT, load_app, load_settings  # noqa: E402
 
 
@@ -37,6 +41,16 @@ def seconds(text: str) -> float:
     return value
 
 
+def reporting(args: argparse.Namespace, env: dict[str, str], app: str) -> Reporting:
+    """How the run reports: log format, progress, METRICS_FILE, HEALTHCHECK_URL (ConfigError when unusable)."""
+    metrics = env.get("METRICS_FILE", "").strip()
+    ping = env.get("HEALTHCHECK_URL", "").strip()
+    return Reporting(log_format=log_format_setting(args.log_format, env),
+                     progress_bar=progress_setting(args.progress, env),
+                     metrics_file=metrics_path(metrics, app) if metrics else None,
+                     healthcheck_url=healthcheck_url(ping) if ping else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Send Knack 311 activity records to the ESB.")
     parser.add_argument("app_name", metavar="APP_NAME", help="a Knack app configured in config.py")
@@ -49,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
                            "needs only STATE_DIR")
     parser.add_argument("--max-runtime", type=seconds, default=DEFAULT_MAX_RUNTIME, metavar="SECONDS",
                         help=f"start no new record after this many seconds (default {DEFAULT_MAX_RUNTIME:g})")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                        help="text (default) or json: one JSON object per line (or LOG_FORMAT=json)")
+    parser.add_argument("--progress", action="store_true",
+                        help="a live progress bar on stderr (or PROGRESS=1); without it, a progress line in the "
+                             "log every 10 s while a backlog drains")
     args = parser.parse_args(argv)
     try:
         try:
@@ -60,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             # the same STATE_DIR rule as load_settings, without asking for the Knack and ESB settings
             state_dir = os.environ.get("STATE_DIR", "").strip()
             return report(app.name, Path(state_dir).expanduser().absolute() if state_dir else PROJECT_ROOT / "state")
-        settings = load_settings(args.app_name, dict(os.environ), CONFIG, dry_run=args.dry_run,
-                                 max_runtime=args.max_runtime)
-        return run(settings)
+        env = dict(os.environ)
+        settings = load_settings(args.app_name, env, CONFIG, dry_run=args.dry_run, max_runtime=args.max_runtime)
+        return run(settings, reporting=reporting(args, env, settings.app.name))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG

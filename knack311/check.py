@@ -34,6 +34,7 @@ from cryptography.x509.oid import NameOID
 from .errors import ConfigError, OutageError
 from .fields import resolve_timezone
 from .healthcheck import healthcheck_url, ping_host
+from .journal import journal_path
 from .knack import DO_NOT_SEND, READY_TO_SEND, SENT
 from .logs import log_format_setting, printable, progress_setting
 from .metrics import metrics_path
@@ -313,10 +314,6 @@ def _public_bytes(public_key) -> bytes:
 
 
 # --- state ---------------------------------------------------------------------------------------------------
-
-def journal_path(state_dir: Path, app_name: str) -> Path:
-    return state_dir / f"{app_name}.journal.sqlite3"
-
 
 def check_state(state_dir: Path, journal: Path, *, in_container: bool | None = None) -> list[Row]:
     """STATE_DIR and the journal, without creating either: a missing journal is what a first run starts with."""

@@ -50,9 +50,11 @@ def ping_url(url: str, suffix: str, run_id: str) -> str:
 
 
 class Healthcheck(Reader):
-    def __init__(self, url: str, *, timeout: float = PING_TIMEOUT, deadline: float | None = None,
+    def __init__(self, url: str, *, timeout: float = PING_TIMEOUT,
+                 deadline: float | Callable[[], float] | None = None,
                  clock: Callable[[], float] = time.monotonic, run_id: str | None = None):
-        """`deadline` (on `clock`) is when the process must be done, e.g. the scheduler's kill time."""
+        """`deadline` (on `clock`) is when the process must be done, e.g. the scheduler's kill time; a callable
+        is asked at each ping (a stop signal brings the run's end closer)."""
         self.url = url
         self.host = ping_host(url)
         self.timeout = timeout
@@ -76,7 +78,8 @@ class Healthcheck(Reader):
         what = f"healthcheck ping /{suffix} to {self.host}"
         limit = self.timeout
         if self.deadline is not None:
-            limit = min(limit, self.deadline - self._clock())
+            deadline = self.deadline() if callable(self.deadline) else self.deadline
+            limit = min(limit, deadline - self._clock())
         if limit <= 0:
             raise ReportError(f"{what} skipped: no time left")
         outcome: dict[str, object] = {}

@@ -374,6 +374,10 @@ class RunLock:
             self._fd = None
 
 
+def journal_path(state_dir: Path, app_name: str) -> Path:
+    return state_dir / f"{app_name}.journal.sqlite3"
+
+
 def prepare_state_dir(state_dir: Path) -> None:
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -47,12 +47,15 @@ LOG_FORMATS = ("text", "json")
 PROGRESS_INTERVAL = 10.0  # seconds between progress lines while a backlog drains
 
 # Events whose text line carries a tag the operator (and grep) looks for; others are tagged by level.
-_TAGS = {FAILED: "FAILED", HELD: "HELD"}
+_TAGS = {FAILED: "FAILED", HELD: "HELD", "skipped": "SKIPPED"}
 _UNTAGGED = frozenset({"summary", "progress"})  # their level is for JSON readers; the text reads "summary: ..."
 
-# C0 and C1 controls (newline, NUL, ESC...), DEL, the Unicode line and paragraph separators, and the bidi
-# controls that can make a line read differently from what it holds.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# C0 and C1 controls (a newline forges a line such as a fake `summary:`, an ANSI escape rewrites the terminal, a
+# NUL cuts the line in log shippers), DEL, the Unicode line and paragraph separators (some viewers break lines
+# there), invisible and bidirectional formatting characters (a line that reads differently from what it holds),
+# and lone surrogates (which cannot even be written as UTF-8).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff"
+                          "\ufff9-\ufffb\ud800-\udfff]")
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 _loggers = itertools.count(1)

@@ -24,8 +24,9 @@ SENT, DO_NOT_SEND, FAILED, HELD = "sent", "do_not_send", "failed", "held"
 RECORD_OUTCOMES = frozenset({SENT, DO_NOT_SEND, FAILED, HELD})
 
 # The counts of a run, under the names the text summary, the JSON summary and the metrics all use.
-COUNT_NAMES = ("fetched", "sent", "do_not_send", "failed", "held", "deferred", "not_attempted")
-OUTCOME_NAMES = COUNT_NAMES[1:]  # what became of the fetched records
+COUNT_NAMES = ("fetched", "sent", "do_not_send", "failed", "held", "deferred", "not_attempted", "skipped")
+LISTED_IDS = 20  # record ids named in the summary per kind, then "+N more"
+OUTCOME_NAMES = COUNT_NAMES[1:7]  # what became of the fetched records (the metrics' outcome labels)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 75
 
@@ -73,12 +74,15 @@ class RunReport:
     held: int = 0
     deferred: int = 0
     not_attempted: int = 0
+    skipped: int = 0  # listed by Knack although not READY_TO_SEND: never posted
     duration_s: float = 0.0
     stop_reason: str = ""
     finished_at: float = field(default_factory=time.time)  # Unix time
     dry_run: bool = False
     rendered: int = 0  # dry run only
     knack_calls_remaining: int | None = None  # unknown unless Knack said
+    failed_ids: tuple[str, ...] = ()
+    held_ids: tuple[str, ...] = ()
 
     def counts(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNT_NAMES}
@@ -88,8 +92,14 @@ class RunReport:
         parts = [f"fetched={self.fetched}"]
         if self.dry_run:
             parts.append(f"rendered={self.rendered}")
-        parts += [f"{name}={getattr(self, name)}" for name in OUTCOME_NAMES]
+        parts += [f"{name}={getattr(self, name)}" for name in COUNT_NAMES[1:]]
         parts.append(f"duration={self.duration_s:.1f}s")
+        if self.knack_calls_remaining is not None:
+            parts.append(f"knack_calls_left_today={self.knack_calls_remaining}")
+        for name, ids in (("failed_ids", self.failed_ids), ("held_ids", self.held_ids)):
+            if ids:
+                more = len(ids) - LISTED_IDS
+                parts.append(f"{name}={','.join(ids[:LISTED_IDS])}" + (f" +{more} more" if more > 0 else ""))
         tail = f" stopped: {self.stop_reason}" if self.stop_reason else ""
         return f"summary{' (dry run)' if self.dry_run else ''}: {' '.join(parts)}{tail}"
 
@@ -100,7 +110,8 @@ class RunReport:
             values["rendered"] = self.rendered
             values["dry_run"] = True
         values.update(duration_s=round(self.duration_s, 3), exit_code=self.exit_code,
-                      stop_reason=self.stop_reason or None)
+                      stop_reason=self.stop_reason or None, knack_calls_left_today=self.knack_calls_remaining,
+                      failed_ids=list(self.failed_ids[:LISTED_IDS]), held_ids=list(self.held_ids[:LISTED_IDS]))
         return values
 
 

@@ -89,6 +89,12 @@ class Stop:
         """Seconds until nothing may wait any more: the hard deadline, or the stop grace once signalled."""
         return max(0.0, self._limit(grace=True) - self.clock())
 
+    def exit_by(self) -> float:
+        """When the process must be gone: STOP_WITHIN after a signal, else when the run's time is up."""
+        if self._signalled_at is not None:
+            return min(self._signalled_at + STOP_WITHIN, self.hard_deadline + STOP_WITHIN)
+        return self.hard_deadline + STOP_WITHIN
+
     def work_time_left(self) -> bool:
         """True while new work may start: no stop signal and the --max-runtime budget not spent."""
         return not self.stopped and self.clock() < self.work_deadline

@@ -82,7 +82,7 @@ def test_text_lines_keep_the_format_operators_grep():
         "request failed",
         "record=rec9 sr=- FAILED: record lacks field field_1054 (activity_datetime)",
         "WARNING: ESB_VERIFY_TLS=false: the ESB's certificate is NOT verified",
-        "summary: fetched=3 sent=1 do_not_send=0 failed=2 held=1 deferred=0 not_attempted=0 duration=1.2s "
+        "summary: fetched=3 sent=1 do_not_send=0 failed=2 held=1 deferred=0 not_attempted=0 skipped=0 duration=1.2s "
         "stopped: the ESB cannot be reached",
     ]
 

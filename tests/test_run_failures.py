@@ -25,7 +25,7 @@ from knack311.errors import OutageError
 from knack311.esb import Delivery, ESBUncertain
 from knack311.journal import SENDING, Journal
 from knack311.knack import AppSchema
-from knack311.run import log_safe
+from knack311.logs import printable as log_safe
 from knack311.settings import Settings, load_app
 from simulators.activities import FIELD_TYPES, activity_record
 from simulators.esb import parse_message
