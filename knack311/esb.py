@@ -1,32 +1,84 @@
-"""The ESB: POST a message over mutual TLS and decide whether it was accepted.
+"""The ESB: POST a message over mutual TLS and decide what its answer means.
 
-Accepted means a 2xx reply whose body holds no SOAP Fault. A 4xx or a Fault is a rejection of that message
-(no retry: sending it again would be rejected again). 5xx without a Fault and connection failures are
-retried with backoff. A read timeout is not retried within the call: the ESB may have the message, and the
-journal (see journal.py) decides what the next run does about it.
+Every POST ends in one of four outcomes, each with one meaning for the journal (see run.py):
+- accepted (a Delivery): a 2xx whose body is empty or a SOAP envelope (1.1 or 1.2) without a Fault;
+- rejected (RecordError): the ESB's verdict on this message, a SOAP Fault or a 4xx. Sending it again would be
+  rejected again, so it is not retried; the ESB does not have it;
+- outcome unknown (ESBUncertain): the ESB, or a gateway in front of it, may have taken the message; sending it
+  again within the run could make a duplicate, so it is not repeated and the journal keeps it `sending`;
+- not taken (ESBUnreachable): the request certainly never reached the ESB's service (no connection, a handshake
+  that failed before any byte of the request, an answer that says it was not processed).
+
+What each answer means, and why:
+- 2xx, empty or SOAP without Fault: accepted.
+- 2xx with anything else (an HTML "Access denied" page, JSON, text, over 1 MB): not the ESB's service speaking,
+  but a proxy, a gateway or a login page that may or may not have passed the message on: unknown.
+- a SOAP Fault, whatever the status (SOAP 1.1 services answer a Fault with 500, some with 200): rejected.
+- 502, 504: a gateway that may have forwarded the message before its upstream failed or timed out: unknown,
+  even with a Fault in the body (a gateway's Fault is about its upstream, not about the message).
+- 408, 429, 503 (with or without a Fault): the server says it did not handle the request (timed out waiting
+  for it, too many requests, unavailable: RFC 9110 15.5.9, RFC 6585 4, RFC 9110 15.6.4). Retried within the
+  run, honouring Retry-After, while the run has time; when the tries run out: not taken.
+- 4xx otherwise: rejected, with the start of the answer in the line.
+- 500 without a Fault, and any other 5xx: the service failed while handling the message, maybe after passing
+  it on to 311: unknown, not retried.
+- 303 See Other is what a server answers after processing a POST: unknown. Other 3xx (moved, temporary
+  redirect): the POST was not processed where it went; ESB_ENDPOINT points at the wrong place, which no
+  message will fix: not taken, and the run stops. Redirects are never followed (a POST must not wander).
+
+Time: each POST (connect, request, whole answer) runs through Stop.call with a total deadline of ESB_TIMEOUT,
+because requests' timeouts bound single socket reads and an answer trickling one byte a second never trips
+them. The answer is read up to ANSWER_LIMIT bytes. Connect failures are retried by urllib3 inside the POST
+(the request never left), through a Retry that starts nothing after a stop signal or past the run's deadline.
 """
 
 from __future__ import annotations
 
+import codecs
+import enum
+import os
+import ssl
+import threading
+import unicodedata
+import warnings
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
+import certifi
 import requests
 from lxml import etree
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ReadTimeoutError
+from urllib3.connection import HTTPSConnection
+from urllib3.connectionpool import HTTPSConnectionPool
+from urllib3.exceptions import InsecureRequestWarning, MaxRetryError, NameResolutionError, NewConnectionError
 from urllib3.util.retry import Retry
+from urllib3.util.ssl_ import create_urllib3_context
 
-from .errors import RecordError
-from .stopping import Stop
+from .errors import ConfigError, RecordError
+from .http import AnswerTooLarge, RetryStopped, read_capped, with_stop
+from .stopping import CutShort, Stop
 
 SOAP11_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 SOAP12_NS = "http://www.w3.org/2003/05/soap-envelope"
 
+ANSWER_LIMIT = 1 << 20  # bytes: the ESB's answer to one message is a few hundred
+EXCERPT_CHARS = 300     # of an answer, in a FAILED line
+RETRY_STATUSES = frozenset({408, 429, 503})  # the server says it did not handle the request
+GATEWAY_STATUSES = frozenset({502, 504})     # a gateway that may have forwarded it
+
+# OpenSSL's names for the alerts a server sends when it refuses the client's certificate. Received alerts read
+# "... alert ..." ("tlsv13 alert certificate required"); our own verification of the server never does.
+_OUR_CERT_REFUSED = ("ALERT_CERTIFICATE_REQUIRED", "ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE",
+                     "ALERT_CERTIFICATE_UNKNOWN", "ALERT_CERTIFICATE_EXPIRED", "ALERT_CERTIFICATE_REVOKED",
+                     "ALERT_UNSUPPORTED_CERTIFICATE", "ALERT_ACCESS_DENIED")
+_SERVER_CERT_UNVERIFIED = ("CERTIFICATE_VERIFY_FAILED",)
+
 
 class ESBUnreachable(Exception):
-    """The ESB could not be reached (connection refused, TLS failure, timeout) after retries.
+    """The ESB did not take the message: the request never reached its service. Nothing to fear from resending.
 
-    `lasting` marks failures that will not heal within this run (a TLS trust problem): stop at once.
+    `lasting` marks failures that will not heal within this run (a certificate problem, a wrong ESB_ENDPOINT):
+    stop at once.
     """
 
     def __init__(self, message: str, *, lasting: bool = False):
@@ -35,7 +87,15 @@ class ESBUnreachable(Exception):
 
 
 class ESBUncertain(ESBUnreachable):
-    """The request may have reached the ESB but no answer came (read timeout, connection dropped)."""
+    """The ESB may have the message, but no answer said so (a timeout, a broken connection after the request was
+    written, a gateway error, an answer that is not the ESB's). Not repeated within the run.
+
+    `by_signal`: the POST was cut short by a stop signal, which says nothing about the ESB's health.
+    """
+
+    def __init__(self, message: str, *, by_signal: bool = False):
+        super().__init__(message)
+        self.by_signal = by_signal
 
 
 @dataclass(frozen=True)
@@ -44,119 +104,429 @@ class Delivery:
     attempts: int
 
 
-def soap_fault(body: bytes) -> str | None:
-    """The fault string of a SOAP 1.1/1.2 Fault in body, "" for a Fault without text, None if no Fault."""
-    if not body or b"Fault" not in body:
-        return None
-    try:
-        root = etree.fromstring(body, etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False))
-    except etree.XMLSyntaxError:
-        return None
-    for ns in (SOAP11_NS, SOAP12_NS):
-        fault = root.find(f".//{{{ns}}}Fault")
-        if fault is not None:
-            text = fault.findtext("faultstring") or fault.findtext(f".//{{{SOAP12_NS}}}Text") or ""
-            return " ".join(text.split())[:200]
-    return None
+# ----- reading an answer (pure) -----------------------------------------------------------------------------------
 
+class Body(enum.Enum):
+    EMPTY = "empty"
+    SOAP = "soap"    # a SOAP 1.1 or 1.2 envelope without a Fault
+    FAULT = "fault"  # a SOAP envelope whose Body holds a Fault
+    OTHER = "other"  # anything else: HTML, JSON, text, XML that is not SOAP, bytes that do not parse
+
+
+def _parser() -> etree.XMLParser:
+    # The answer comes from the network: no entity expansion, no DTD, nothing fetched, no unbounded trees.
+    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
+
+
+def read_body(body: bytes) -> tuple[Body, str]:
+    """What an ESB answer body is, and for a Fault its text ("" when it has none).
+
+    lxml reads the encoding from a BOM or the XML declaration, so a UTF-16 Fault is found too. A Fault counts
+    with or without a namespace of its own, as long as it is a child of a SOAP Body: some services put a bare
+    <Fault> there.
+    """
+    if not body.strip():
+        return Body.EMPTY, ""
+    root = None
+    # Leading whitespace before the XML declaration is an error to lxml; some SOAP stacks emit it anyway.
+    for candidate in (body, body.lstrip()):
+        try:
+            root = etree.fromstring(candidate, _parser())
+            break
+        except (etree.XMLSyntaxError, ValueError):
+            continue
+    if root is None or not isinstance(root.tag, str):
+        return Body.OTHER, ""
+    name = etree.QName(root)
+    if name.localname != "Envelope" or name.namespace not in (SOAP11_NS, SOAP12_NS):
+        return Body.OTHER, ""
+    soap_body = root.find(f"{{{name.namespace}}}Body")
+    if soap_body is None:
+        return Body.SOAP, ""
+    for child in soap_body:
+        if isinstance(child.tag, str) and etree.QName(child).localname == "Fault":
+            return Body.FAULT, _fault_text(child)
+    return Body.SOAP, ""
+
+
+def _fault_text(fault: etree._Element) -> str:
+    # SOAP 1.1: faultstring (unqualified by the spec, qualified by some stacks); SOAP 1.2: Reason/Text.
+    for path in (".//*[local-name()='faultstring']", ".//*[local-name()='Reason']/*[local-name()='Text']"):
+        found = fault.xpath(path)
+        if found:
+            return one_line("".join(found[0].itertext()), 200)
+    return ""
+
+
+def soap_fault(body: bytes) -> str | None:
+    """The fault text of a SOAP Fault in body, "" for a Fault without text, None if the body holds no Fault."""
+    kind, text = read_body(body)
+    return text if kind is Body.FAULT else None
+
+
+def one_line(text: str, limit: int) -> str:
+    """Text for a log line: whitespace runs made one space, cut to `limit` characters, control and format
+    characters escaped (a newline or an ANSI escape in an answer must not forge or colour a line)."""
+    text = " ".join(text.split())[:limit]
+    return "".join(ch if unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp") else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def excerpt(body: bytes, charset: str | None = None) -> str:
+    """The start of an answer body, one line: EXCERPT_CHARS characters, decoded by BOM, charset or as UTF-8."""
+    if not body:
+        return "(empty)"
+    head = body[:EXCERPT_CHARS * 4]
+    encoding = charset or "utf-8"
+    for bom, bom_encoding in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+                              (codecs.BOM_UTF16_BE, "utf-16")):
+        if head.startswith(bom):
+            encoding = bom_encoding
+            break
+    try:
+        text = head.decode(encoding, "replace")
+    except LookupError:
+        text = head.decode("utf-8", "replace")
+    return one_line(text, EXCERPT_CHARS)
+
+
+class Verdict(enum.Enum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    RETRY = "retry"          # not handled; may be tried again
+    UNKNOWN = "unknown"      # may have been processed
+    MISDIRECTED = "misdirected"  # not processed, and no message will be: ESB_ENDPOINT is wrong
+
+
+def judge(status: int, reason: str, body: bytes, *, too_large: bool = False, charset: str | None = None,
+          location: str = "") -> tuple[Verdict, str]:
+    """The meaning of one ESB answer (see the module docstring for the table), and a line that says it."""
+    http = one_line(f"HTTP {status} {reason}", 100)
+    start = "(over 1 MB, not read)" if too_large else excerpt(body, charset)
+    location = one_line(location, 200) or "?"
+    if status in GATEWAY_STATUSES:
+        return Verdict.UNKNOWN, f"a gateway answered {http}: it may have forwarded the message; answer: {start}"
+    if status in RETRY_STATUSES:
+        return Verdict.RETRY, f"ESB answered {http}"
+    kind, fault = (Body.OTHER, "") if too_large else read_body(body)
+    if kind is Body.FAULT:
+        return Verdict.REJECTED, f"ESB answered a SOAP Fault ({http}): {fault or 'no fault text'}; answer: {start}"
+    if 200 <= status < 300:
+        if kind in (Body.EMPTY, Body.SOAP):
+            return Verdict.ACCEPTED, http
+        return Verdict.UNKNOWN, (f"ESB answered {http}, but not with SOAP (a proxy or gateway page?): it may or may "
+                                 f"not have the message; answer: {start}")
+    if status == 303:
+        return Verdict.UNKNOWN, f"ESB answered {http} (a POST processed elsewhere?) to {location}"
+    if 300 <= status < 400:
+        return Verdict.MISDIRECTED, (f"ESB_ENDPOINT answered {http} to {location}: the message was not "
+                                     "taken there; check ESB_ENDPOINT")
+    if 400 <= status < 500:
+        return Verdict.REJECTED, f"ESB rejected the message: {http}; answer: {start}"
+    return Verdict.UNKNOWN, f"ESB answered {http} without a SOAP Fault: it may have the message; answer: {start}"
+
+
+# ----- TLS ----------------------------------------------------------------------------------------------------------
+
+class _KeyNeedsPassword(Exception):
+    pass
+
+
+def tls_context(cert: str, key: str, password: str, verify: bool | str) -> ssl.SSLContext:
+    """The client's TLS context: our certificate and key, and the trust that verifies the ESB.
+
+    Built here rather than by urllib3 from file names, because loading an encrypted key without a password
+    callback makes OpenSSL prompt for a passphrase on the terminal (or print the prompt and fail without one).
+    The callback below never prompts: it hands over ESB_KEY_PASSWORD, or fails. Raises ConfigError.
+    """
+    context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)  # urllib3's defaults: TLS 1.2+, no compression
+    asked = []
+
+    def key_password() -> bytes:
+        asked.append(True)
+        if not password:
+            raise _KeyNeedsPassword
+        return password.encode()
+
+    try:
+        context.load_cert_chain(cert, key, password=key_password)
+    except _KeyNeedsPassword:
+        raise ConfigError(f"ESB_KEY {key} is encrypted and ESB_KEY_PASSWORD is not set") from None
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        # never echo the files' content or the password: only say which file is unusable
+        if asked and "KEY_VALUES_MISMATCH" not in str(exc):
+            raise ConfigError(f"ESB_KEY {key} is encrypted and ESB_KEY_PASSWORD does not decrypt it") from None
+        raise ConfigError(f"ESB_CERT {cert} and ESB_KEY {key} are not a matching PEM certificate and private "
+                          "key") from None
+    try:
+        if verify is False:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        elif verify is True:
+            context.load_verify_locations(cafile=certifi.where())
+        elif os.path.isdir(verify):
+            context.load_verify_locations(capath=verify)
+        else:
+            context.load_verify_locations(cafile=verify)
+    except (ssl.SSLError, OSError):
+        raise ConfigError(f"ESB_CA_BUNDLE {verify}: no usable CA certificate to verify the ESB with") from None
+    return context
+
+
+# ----- knowing whether the request left -----------------------------------------------------------------------------
+
+class _Abandoned(Exception):
+    """The caller gave up on this POST before its request was written: it must not be written now."""
+
+
+class _WriteGate:
+    """Whether any byte of one POST's request may have been written, settled once under a lock.
+
+    The connection opens the gate just before writing; the caller closes it when it is done with the POST, or
+    gives up on it (a deadline, a stop signal). Whoever comes second sees the other's decision, so a POST the
+    caller abandoned as "never sent" cannot start writing afterwards in the abandoned thread.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._written = False
+        self._closed = False
+
+    def open(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise _Abandoned
+            self._written = True
+
+    def close(self) -> bool:
+        """Close the gate; True if the request may have been (partly) written."""
+        with self._lock:
+            self._closed = True
+            return self._written
+
+
+_current = threading.local()  # the _WriteGate of the POST this thread is making
+
+
+class _ESBConnection(HTTPSConnection):
+    def request(self, *args, **kwargs):
+        gate = getattr(_current, "gate", None)
+        if gate is not None:
+            gate.open()
+        return super().request(*args, **kwargs)
+
+
+class _ESBConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = _ESBConnection
+
+
+class _ESBAdapter(HTTPAdapter):
+    """requests' adapter with our own TLS context; requests' cert and verify settings play no part.
+
+    requests would otherwise hand urllib3 the certificate and key file names (OpenSSL would then load the key
+    without a password callback) and, with verify=True, certifi's bundle on top of our trust.
+    """
+
+    def __init__(self, context: ssl.SSLContext, **kwargs):
+        self._context = context
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {**self.poolmanager.pool_classes_by_scheme,
+                                                   "https": _ESBConnectionPool}
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+        host_params, _ = super().build_connection_pool_key_attributes(request, verify, None)
+        return host_params, {"cert_reqs": self._context.verify_mode}
+
+    def cert_verify(self, conn, url, verify, cert) -> None:
+        conn.cert_reqs = self._context.verify_mode
+        conn.ca_certs = conn.ca_cert_dir = conn.cert_file = conn.key_file = None
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    reason: str
+    body: bytes
+    too_large: bool
+    charset: str | None
+    location: str
+    raw: object  # urllib3's response, for Retry-After
+
+
+# ----- the client ---------------------------------------------------------------------------------------------------
 
 class ESBClient:
     def __init__(self, endpoint: str, *, cert: str, key: str, verify: bool | str, timeout: float,
-                 attempts: int = 3, backoff: float = 0.5, stop: Stop | None = None):
+                 attempts: int = 3, backoff: float = 0.5, stop: Stop | None = None, key_password: str = ""):
         self._endpoint = endpoint
-        self._stop = stop
-        self._timeout = (min(10.0, timeout), timeout)
+        parsed = urlparse(endpoint)
+        self._where = f"{parsed.hostname}:{parsed.port or 443}"
+        self._cert = cert
+        self._verify = verify
+        self._stop = stop if stop is not None else Stop(request_timeout=timeout)
+        self._timeout = timeout
+        self._socket_timeouts = (min(10.0, timeout), timeout)
         self._attempts = attempts
         self._backoff = backoff
+        context = tls_context(cert, key, key_password, verify)
+        if verify is False:
+            # run.py warns once per run that verification is off; urllib3 would repeat it for every message
+            warnings.filterwarnings("ignore", category=InsecureRequestWarning)
         self._session = requests.Session()
         # Only our own settings decide TLS trust and routing to the ESB: without this, requests lets
         # REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE silently replace ESB_CA_BUNDLE and proxies reroute the POST.
         self._session.trust_env = False
-        self._session.cert = (cert, key)
-        self._session.verify = verify
         self._session.headers.update({"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'})
-        # Connection failures before the request was sent are retried by urllib3; a request that may have
-        # arrived (read errors) is not retried here.
-        self._session.mount("https://", HTTPAdapter(max_retries=Retry(
-            total=attempts - 1, connect=attempts - 1, read=0, status=0, other=0, redirect=0,
-            backoff_factor=backoff, raise_on_status=False, allowed_methods=None)))
+        # urllib3 retries a failed connect (the request never left); nothing that may have reached the ESB.
+        connect_retry = Retry(total=attempts - 1, connect=attempts - 1, read=0, status=0, other=0, redirect=0,
+                              backoff_factor=backoff, raise_on_status=False, allowed_methods=None)
+        self._session.mount("https://", _ESBAdapter(context, max_retries=with_stop(connect_retry, self._stop)))
 
     def close(self) -> None:
         self._session.close()
 
     def deliver(self, body: bytes) -> Delivery:
-        """POST one message; return on acceptance, raise RecordError on rejection, ESBUnreachable on outage.
-
-        5xx answers are retried unless they carry a SOAP Fault (SOAP 1.1 servers answer a Fault with 500,
-        and a Fault is a verdict on the message, not a passing trouble). urllib3's Retry cannot see the body,
-        so this loop asks a Retry object for the budget and the backoff.
-        """
-        retry = Retry(total=self._attempts - 1, backoff_factor=self._backoff, status_forcelist=range(500, 600),
-                      allowed_methods=None, raise_on_status=False)
+        """POST one message: return on acceptance; raise RecordError on rejection, ESBUncertain when the outcome
+        is unknown, ESBUnreachable when the ESB certainly did not take it."""
+        retry = with_stop(Retry(total=self._attempts - 1, status=self._attempts - 1, backoff_factor=self._backoff,
+                                status_forcelist=RETRY_STATUSES, allowed_methods=None, raise_on_status=False),
+                          self._stop)
         attempts = 0
         while True:
             attempts += 1
+            reply = self._post(body)
+            verdict, line = judge(reply.status, reply.reason, reply.body, too_large=reply.too_large,
+                                  charset=reply.charset, location=reply.location)
+            if verdict is Verdict.ACCEPTED:
+                return Delivery(status=reply.status, attempts=attempts)
+            if verdict is Verdict.REJECTED:
+                raise RecordError(line)
+            if verdict is Verdict.UNKNOWN:
+                raise ESBUncertain(line)
+            if verdict is Verdict.MISDIRECTED:
+                raise ESBUnreachable(line, lasting=True)
             try:
-                reply = self._session.post(self._endpoint, data=body, timeout=self._timeout, allow_redirects=False,
-                                           verify=self._session.verify)
-            except requests.exceptions.SSLError as exc:
-                raise ESBUnreachable(f"TLS handshake with the ESB failed: {_tls_reason(exc)}", lasting=True) from None
-            except requests.ConnectionError as exc:
-                if _never_sent(exc):
-                    raise ESBUnreachable("cannot connect to the ESB") from None
-                raise _uncertain(exc) from None
-            except (requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-                raise _uncertain(exc) from None
-            except requests.RequestException as exc:
-                raise ESBUncertain(f"ESB request failed ({type(exc).__name__}); it may have the message") from None
-            fault = soap_fault(reply.content)
-            if fault is not None:
-                raise RecordError(f"ESB answered a SOAP Fault (HTTP {reply.status_code}): {fault or 'no faultstring'}")
-            if 200 <= reply.status_code < 300:
-                return Delivery(status=reply.status_code, attempts=attempts)
-            if retry.is_retry("POST", reply.status_code):
+                retry = retry.increment("POST", self._endpoint, response=reply.raw)
+                retry.sleep(reply.raw)
+            except MaxRetryError as exc:
+                why = "the run is stopping" if isinstance(exc.reason, RetryStopped) else f"{attempts} tries"
+                raise ESBUnreachable(f"{line}, did not take the message ({why})") from None
+            except RetryStopped:
+                raise ESBUnreachable(f"{line}, did not take the message (no time left to try again)") from None
+
+    def _post(self, body: bytes) -> _Reply:
+        gate = _WriteGate()
+
+        def post() -> _Reply:
+            _current.gate = gate
+            try:
+                reply = self._session.post(self._endpoint, data=body, timeout=self._socket_timeouts,
+                                           allow_redirects=False, stream=True)
                 try:
-                    retry = retry.increment("POST", self._endpoint)
-                except MaxRetryError:
-                    raise ESBUnreachable(f"ESB answered HTTP {reply.status_code} {attempts} times") from None
-                retry.sleep()
-                continue
-            raise RecordError(f"ESB rejected the message: HTTP {reply.status_code} {reply.reason or ''}".rstrip())
+                    content, too_large = read_capped(reply, ANSWER_LIMIT), False
+                except AnswerTooLarge:
+                    content, too_large = b"", True
+                return _Reply(reply.status_code, reply.reason or "", content, too_large,
+                              requests.utils.get_encoding_from_headers(reply.headers) if content else None,
+                              reply.headers.get("Location", ""), reply.raw)
+            finally:
+                _current.gate = None
+
+        try:
+            reply = self._stop.call(post, timeout=self._timeout, what="ESB POST", write=True)
+        except CutShort as exc:
+            if gate.close():
+                cause = "a stop signal came" if exc.by_signal else f"no complete answer within {exc.waited:.0f}s"
+                raise ESBUncertain(f"POST to the ESB cut short ({cause}); it may have the message",
+                                   by_signal=exc.by_signal) from None
+            raise ESBUnreachable(f"cannot connect to the ESB at {self._where} (gave up after {exc.waited:.0f}s)"
+                                 ) from None
+        except RetryStopped:
+            gate.close()
+            raise ESBUnreachable(f"cannot connect to the ESB at {self._where} (the run is stopping)") from None
+        except requests.RequestException as exc:
+            raise self._failure(exc, written=gate.close()) from None
+        gate.close()
+        return reply
+
+    def _failure(self, exc: requests.RequestException, *, written: bool) -> ESBUnreachable:
+        """What a failed POST means: not taken (ESBUnreachable) or unknown (ESBUncertain)."""
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, MaxRetryError):
+            reason = reason.reason
+        tls = _ssl_error(reason)
+        if tls is not None or isinstance(exc, requests.exceptions.SSLError):
+            code = (tls.reason or "") if tls is not None else ""
+            detail = _tls_detail(tls, reason)
+            if code.endswith(_OUR_CERT_REFUSED):
+                # The ESB refused our certificate. With TLS 1.3 its alert comes after our side of the handshake
+                # finished, i.e. when reading the answer to a request already written; still, a server that
+                # refuses the client certificate fails the handshake in its TLS layer and never hands the request
+                # to its service (even one that asks for the certificate only after reading the request, through
+                # post-handshake authentication, does so in order to decide whether to process it). So the
+                # message was not taken, whenever the alert arrives; and no message will be until ESB_CERT changes.
+                return ESBUnreachable(f"the ESB did not accept our client certificate (ESB_CERT {self._cert}): "
+                                      f"{detail}", lasting=True)
+            if code in _SERVER_CERT_UNVERIFIED:
+                trust = self._verify if isinstance(self._verify, str) else "the system trust store"
+                return ESBUnreachable(f"the ESB's certificate could not be verified (ESB_CA_BUNDLE {trust}): "
+                                      f"{detail}", lasting=True)
+            if written:
+                return ESBUncertain(f"the TLS connection to the ESB failed after the message was written ({detail}); "
+                                    "it may have the message")
+            # A handshake cut off (EOF, reset) may be a passing trouble; a protocol mismatch is not.
+            passing = isinstance(tls, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or tls is None
+            return ESBUnreachable(f"TLS handshake with the ESB at {self._where} failed: {detail}", lasting=not passing)
+        if written:
+            return ESBUncertain(f"no answer from the ESB ({_transport_reason(exc, reason)}); it may have the message")
+        return ESBUnreachable(f"cannot connect to the ESB at {self._where} ({_connect_reason(reason)})")
 
 
-def _never_sent(exc: requests.ConnectionError) -> bool:
-    """True when the request certainly did not reach the ESB: no connection was ever made.
-
-    requests reports a read timeout as ConnectionError too once urllib3's Retry is mounted, so the cause has
-    to be read off the wrapped urllib3 error; anything not known to be a failed connect counts as "maybe sent".
-    """
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return True
-    reason = exc.args[0] if exc.args else None
-    if isinstance(reason, MaxRetryError):
-        reason = reason.reason
-    # NewConnectionError (refused, unreachable, name not resolved) is a ConnectTimeoutError in urllib3
-    return isinstance(reason, ConnectTimeoutError)
+def _ssl_error(reason: object) -> ssl.SSLError | None:
+    """The ssl module's error inside urllib3's and requests' wrappers, if the failure was one."""
+    seen = 0
+    while reason is not None and seen < 5:
+        if isinstance(reason, ssl.SSLError):
+            return reason
+        args = getattr(reason, "args", ())
+        reason = args[0] if args and isinstance(args[0], BaseException) else getattr(reason, "__cause__", None)
+        seen += 1
+    return None
 
 
-def _uncertain(exc: requests.RequestException) -> ESBUncertain:
-    return ESBUncertain(f"no answer from the ESB ({_transport_reason(exc)}); it may have the message")
+def _tls_detail(tls: ssl.SSLError | None, reason: object) -> str:
+    """OpenSSL's own words, e.g. "tlsv13 alert certificate required", without urllib3's and requests' wrapping."""
+    if tls is not None and tls.reason:
+        text = tls.reason.replace("_", " ").lower()
+        verify = getattr(tls, "verify_message", None)
+        return f"{text}: {verify}" if verify else text
+    return one_line(str(tls if tls is not None else reason), 200)
 
 
-def _transport_reason(exc: requests.RequestException) -> str:
-    reason = exc.args[0] if exc.args else None
-    if isinstance(reason, MaxRetryError):
-        reason = reason.reason
-    if isinstance(exc, requests.exceptions.ReadTimeout) or isinstance(reason, ReadTimeoutError):
+def _connect_reason(reason: object) -> str:
+    if isinstance(reason, NameResolutionError):
+        return "name not resolved"
+    if isinstance(reason, NewConnectionError):
+        text = str(reason).lower()
+        if "refused" in text:
+            return "connection refused"
+        if "unreachable" in text:
+            return "network unreachable"
+        return one_line(str(reason), 200)
+    if isinstance(reason, RetryStopped):
+        return "the run is stopping"
+    return "timed out" if "timed out" in str(reason).lower() else one_line(str(reason), 200)
+
+
+def _transport_reason(exc: requests.RequestException, reason: object) -> str:
+    if isinstance(exc, requests.exceptions.ReadTimeout) or "timed out" in str(reason).lower():
         return "timed out waiting for the answer"
-    return "the connection broke before the answer"
-
-
-def _tls_reason(exc: Exception) -> str:
-    text = str(exc)
-    for marker in ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "unknown ca", "UNKNOWN_CA",
-                   "certificate required", "CERTIFICATE_REQUIRED", "bad certificate", "BAD_CERTIFICATE",
-                   "hostname mismatch", "WRONG_VERSION_NUMBER"):
-        if marker in text:
-            return marker.lower().replace("_", " ")
-    return "handshake error"
+    return "the connection broke before the whole answer came"

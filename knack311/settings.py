@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import ConfigError
+from .esb import tls_context
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +57,7 @@ class Settings:
     state_dir: Path
     dry_run: bool = False
     max_runtime: float = DEFAULT_MAX_RUNTIME
+    esb_key_password: str = field(default="", repr=False)  # decrypts an encrypted ESB_KEY; never printed
 
 
 def load_app(name: str, config: dict) -> AppConfig:
@@ -139,15 +141,12 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
 
     esb_cert = _path(env, "ESB_CERT", "esb.cert")
     esb_key = _path(env, "ESB_KEY", "esb.pem")
+    esb_key_password = env.get("ESB_KEY_PASSWORD", "")  # as given: a passphrase may begin or end with a space
     if not dry_run:  # a dry run sends nothing, so it can be tried without the certificates
         _readable(esb_cert, "ESB_CERT (client certificate)")
         _readable(esb_key, "ESB_KEY (client key)")
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(str(esb_cert), str(esb_key))
-        except (ssl.SSLError, ValueError):
-            # never echo the files' content: only say which pair is unusable
-            raise ConfigError(f"ESB_CERT {esb_cert} and ESB_KEY {esb_key} are not a matching PEM certificate and "
-                              "unencrypted private key") from None
+        # the context the ESB client will build: an encrypted key without its password fails here, never prompts
+        tls_context(str(esb_cert), str(esb_key), esb_key_password, esb_verify)
 
     state_dir = _path(env, "STATE_DIR", "state")
     if max_runtime <= 0:
@@ -157,7 +156,7 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
         app=app, knack_app_id=env["KNACK_APP_ID"].strip(), knack_api_key=env["KNACK_API_KEY"].strip(),
         knack_api_url=knack_api_url, knack_max_rps=knack_max_rps, esb_endpoint=esb_endpoint,
         esb_cert=esb_cert, esb_key=esb_key, esb_verify=esb_verify, esb_timeout=esb_timeout,
-        state_dir=state_dir, dry_run=dry_run, max_runtime=max_runtime,
+        state_dir=state_dir, dry_run=dry_run, max_runtime=max_runtime, esb_key_password=esb_key_password,
     )
 
 

@@ -2,8 +2,9 @@
 
 It speaks HTTPS, demands a client certificate signed by the ESB's CA, accepts SOAP 1.1
 submitKnack messages and records everything it received, so tests can assert on what
-the ESB actually got. Faults, error statuses, dropped connections and slow answers can
-be injected to exercise the program's retry and error handling.
+the ESB actually got. Faults, error statuses, dropped connections, slow answers and
+answers that never end or are not the ESB's at all can be injected to exercise the
+program's retry, timeout and error handling.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ ACC_NS = "http://www.austintexas.gov/AcceptKnack/"
 # A client that connects and then stalls must not hold a server thread for long.
 HANDSHAKE_TIMEOUT = 5.0
 IDLE_TIMEOUT = 10.0
+# The longest an answer that hangs, stalls, trickles or never ends is kept up (stop() ends it sooner).
+MISBEHAVE_FOR = 120.0
+ENDLESS_CHUNK = b"<filler>" + b"x" * 8183 + b"\n"  # 8 KiB of an answer that never ends
 
 # Fields of the submitKnack message, by their path below acc:submitKnack.
 _FIELDS = {
@@ -72,18 +76,28 @@ def parse_message(body: bytes) -> dict:
     return values
 
 
-def _envelope(content: etree._Element) -> bytes:
+def _envelope(content: etree._Element, encoding: str = "UTF-8") -> bytes:
     envelope = etree.Element(f"{{{SOAP_NS}}}Envelope", nsmap={"soapenv": SOAP_NS, "acc": ACC_NS})
     etree.SubElement(envelope, f"{{{SOAP_NS}}}Body").append(content)
-    return etree.tostring(envelope, xml_declaration=True, encoding="UTF-8")
+    return etree.tostring(envelope, xml_declaration=True, encoding=encoding)
 
 
-def fault_body(faultcode: str, faultstring: str) -> bytes:
-    """A SOAP 1.1 Fault; faultcode and faultstring are un-namespaced, as SOAP 1.1 requires."""
-    fault = etree.Element(f"{{{SOAP_NS}}}Fault")
+# Answers that did not come from the ESB's service, as a proxy, a gateway or a firewall sends them.
+ACCESS_DENIED_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Access denied</title></head>\n"
+                      b"<body><h1>Access denied</h1><p>You are not allowed to reach this service.</p></body></html>\n")
+GATEWAY_JSON = b'{"message": "upstream request queued", "requestId": "3f1c"}\n'
+
+
+def fault_body(faultcode: str, faultstring: str, *, encoding: str = "UTF-8", bare: bool = False) -> bytes:
+    """A SOAP 1.1 Fault; faultcode and faultstring are un-namespaced, as SOAP 1.1 requires.
+
+    encoding: of the whole document, declared in its XML declaration (UTF-16 gets a BOM).
+    bare: the Fault element itself has no namespace, as some services write it inside the SOAP Body.
+    """
+    fault = etree.Element("Fault" if bare else f"{{{SOAP_NS}}}Fault")
     etree.SubElement(fault, "faultcode").text = faultcode
     etree.SubElement(fault, "faultstring").text = faultstring
-    return _envelope(fault)
+    return _envelope(fault, encoding)
 
 
 def success_body() -> bytes:
@@ -108,6 +122,11 @@ class _Injected:
     fault: str | None
     delay: float
     drop: bool
+    how: str = ""  # hang, stall, trickle, endless, garble: how the answer misbehaves
+    trickle: float = 0.0
+    body: bytes | None = None
+    content_type: str | None = None
+    processed: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +136,8 @@ class _Answer:
     content_type: str = "text/plain"
 
     accepted: bool = False  # only a genuine SUCCESS answer counts, never an injected one
+    how: str = ""  # "": answer normally; else how it misbehaves (see ESBSimulator.inject)
+    trickle: float = 0.0  # seconds between two bytes of a trickled answer
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -134,15 +155,49 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_answer(_Answer(404, b"not found\n"))
 
     def send_answer(self, answer: _Answer) -> None:
+        stopping = self.server.simulator._stopping
         if answer.status == 0:
             # Answer nothing; the server closes the socket once the handler returns.
             self.close_connection = True
+            if answer.how == "hang":
+                stopping.wait(MISBEHAVE_FOR)
+            return
+        if answer.how == "garble":
+            # Bytes that are not a TLS record, straight onto the TCP socket: the client's TLS layer fails while
+            # reading the answer, after its request was written.
+            self.close_connection = True
+            socket.socket.sendall(self.connection, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
             return
         self.send_response(answer.status)
         self.send_header("Content-Type", answer.content_type)
+        if answer.how == "endless":
+            # No Content-Length and no chunking: the body ends when the connection does, which is never.
+            self.close_connection = True
+            self.send_header("Connection", "close")
+            self.end_headers()
+            try:
+                while not stopping.is_set():
+                    self.wfile.write(ENDLESS_CHUNK)
+            except OSError:
+                pass  # the client read enough and hung up
+            return
         self.send_header("Content-Length", str(len(answer.body)))
         self.end_headers()
-        self.wfile.write(answer.body)
+        if answer.how == "stall":
+            self.wfile.flush()
+            self.close_connection = True
+            stopping.wait(MISBEHAVE_FOR)
+        elif answer.how == "trickle":
+            self.close_connection = True
+            try:
+                for i in range(len(answer.body)):
+                    if stopping.wait(answer.trickle):
+                        return
+                    self.wfile.write(answer.body[i:i + 1])
+            except OSError:
+                pass
+        else:
+            self.wfile.write(answer.body)
 
     def client_subject(self) -> str:
         cert = self.connection.getpeercert() or {}
@@ -182,11 +237,28 @@ class _TLSServer(ThreadingHTTPServer):
             # No client certificate, one the ESB's CA did not sign, or a client that does
             # not trust us: refuse quietly, as the real ESB does, and keep serving.
             self.simulator._count_handshake_failure()
+            _linger(request)
             return
         super().finish_request(request, client_address)
 
     def handle_error(self, request, client_address) -> None:
         pass  # e.g. a client that timed out and left; never print a traceback
+
+
+def _linger(request: ssl.SSLSocket) -> None:
+    """Close after a refused handshake the way a proper TLS server does, so the client reads the alert.
+
+    With TLS 1.3 the client has finished its side of the handshake and written its request before the server's
+    verdict on its certificate arrives. Closing at once with that request unread makes the kernel send a reset,
+    which can destroy the alert in flight: the client would see a bare EOF instead of "certificate required".
+    """
+    try:
+        socket.socket.shutdown(request, socket.SHUT_WR)
+        request.settimeout(0.5)
+        while socket.socket.recv(request, 65536):
+            pass
+    except OSError:
+        pass
 
 
 class ESBSimulator:
@@ -201,11 +273,16 @@ class ESBSimulator:
         host: str = "127.0.0.1",
         port: int = 0,
         path: str = "/submitKnack",
+        tls_version: str | None = None,
     ):
+        """tls_version: "1.2" or "1.3" to speak only that version (default: whatever the client offers)."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_cert_chain(server_cert, server_key)
         context.load_verify_locations(client_ca_bundle)
+        if tls_version is not None:
+            version = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}[tls_version]
+            context.minimum_version = context.maximum_version = version
 
         self.path = path
         self.latency: float = 0.0  # seconds to wait before every answer
@@ -214,6 +291,7 @@ class ESBSimulator:
         self._received: list[Received] = []
         self._accepted: list[Received] = []
         self._injected: collections.deque[_Injected] = collections.deque()
+        self._stopping = threading.Event()  # ends answers that hang, stall, trickle or never end
         self._server = _TLSServer((host, port), context, self)
         self._thread: threading.Thread | None = None
         bound_host, bound_port = self._server.server_address[:2]
@@ -229,6 +307,7 @@ class ESBSimulator:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join()
@@ -251,7 +330,8 @@ class ESBSimulator:
 
     @property
     def accepted(self) -> list[Received]:
-        """The requests the ESB accepted: answered 200 with a SUCCESS response (a snapshot)."""
+        """The requests the ESB accepted: answered 200 with a SUCCESS response, or taken in by the ESB although
+        its answer then misbehaved (a delay, a hang, see inject's `processed`) (a snapshot)."""
         with self._lock:
             return list(self._accepted)
 
@@ -269,18 +349,43 @@ class ESBSimulator:
         count: int = 1,
         delay: float = 0.0,
         drop: bool = False,
+        hang: bool = False,
+        stall: bool = False,
+        trickle: float = 0.0,
+        endless: bool = False,
+        garble: bool = False,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        processed: bool | None = None,
     ) -> None:
         """Make the next `count` POSTs to the ESB path misbehave (queued after earlier ones).
 
+        Each reads the whole request first and records it in `received`.
         delay: wait that long first. drop: close the connection without answering.
         fault: answer a SOAP Fault (faultcode soapenv:Server) with HTTP `status`, 500 by
         default as SOAP 1.1 servers do. status alone: answer that status with a short body.
+        body (and content_type): answer exactly that, with `status` (200 by default).
         With only a delay, the message is then handled normally.
+        hang: never answer (until stop()). stall: send the status line and headers, never the
+        body. trickle=s: send the answer one byte every s seconds. endless: a 200 whose body
+        never ends. garble: answer with bytes that are not TLS, so the client's TLS fails after
+        its request was written.
+        processed: count the message as taken in by the ESB (in `accepted`) although the answer
+        misbehaves, as a gateway's 504 can hide a message the ESB got. Default: True for hang,
+        stall, trickle and endless (the ESB has it, only its answer is broken), else False.
         """
         if count < 1:
             raise ValueError("count must be at least 1")
+        hows = [name for name, on in (("hang", hang), ("stall", stall), ("trickle", trickle > 0),
+                                      ("endless", endless), ("garble", garble), ("drop", drop)) if on]
+        if len(hows) > 1:
+            raise ValueError(f"choose one of {', '.join(hows)}")
+        how = hows[0] if hows and hows[0] != "drop" else ""
+        if processed is None:
+            processed = how in ("hang", "stall", "trickle", "endless")
+        injected = _Injected(status, fault, delay, drop, how, trickle, body, content_type, processed)
         with self._lock:
-            self._injected.extend([_Injected(status, fault, delay, drop)] * count)
+            self._injected.extend([injected] * count)
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -318,15 +423,26 @@ class ESBSimulator:
         )
         with self._lock:
             self._received.append(received)
-            if answer.accepted:
+            if answer.accepted or (injected is not None and injected.processed):
                 self._accepted.append(received)
         time.sleep(self.latency + (injected.delay if injected else 0.0))
         handler.send_answer(answer)
 
     def _answer(self, handler: _Handler, body: bytes, injected: _Injected | None) -> _Answer:
+        answer = self._genuine_answer(handler, body, injected)
+        if injected is not None and injected.how:
+            if injected.how == "hang":
+                return _Answer(0, how="hang")
+            return _Answer(answer.status, answer.body, answer.content_type, how=injected.how,
+                           trickle=injected.trickle)
+        return answer
+
+    def _genuine_answer(self, handler: _Handler, body: bytes, injected: _Injected | None) -> _Answer:
         if injected is not None:
             if injected.drop:
                 return _Answer(0)
+            if injected.body is not None:
+                return _Answer(injected.status or 200, injected.body, injected.content_type or "text/plain")
             if injected.fault is not None:
                 return _Answer(
                     injected.status or 500,

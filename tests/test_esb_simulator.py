@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import stat
 import time
 
@@ -11,7 +12,7 @@ import requests
 from lxml import etree
 
 from simulators.certs import PKIFiles, make_pki
-from simulators.esb import ACC_NS, SOAP_NS, ESBSimulator, parse_message
+from simulators.esb import ACC_NS, SOAP_NS, ESBSimulator, fault_body, parse_message
 
 TIMEOUT = 5  # seconds; every request in these tests has an explicit timeout
 
@@ -304,3 +305,131 @@ def test_clear_faults_cancels_pending_injections(esb, pki):
     esb.inject(status=503, count=5)
     esb.clear_faults()
     assert post(esb.url, pki).status_code == 200
+
+
+# -- answers that misbehave (issues 6 and 7) ---------------------------------------
+
+
+def raw_exchange(url, pki, *, read_for: float, tls_version=None) -> tuple[bytes, float]:
+    """POST a message over a bare TLS socket and collect what comes back for `read_for` seconds (or until the
+    server closes): for answers requests would refuse to show as they are."""
+    host, port = url.split("/")[2].split(":")
+    context = ssl.create_default_context(cafile=str(pki.ca_bundle))
+    context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    body = message()
+    request = (f"POST /submitKnack HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/xml\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    received = b""
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(request)
+            tls.settimeout(0.2)
+            while time.monotonic() - started < read_for:
+                try:
+                    chunk = tls.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+                received += chunk
+                if len(received) > 3_000_000:
+                    break
+    return received, time.monotonic() - started
+
+
+def test_hang_takes_the_message_in_and_never_answers(esb, pki):
+    esb.inject(hang=True)
+    with pytest.raises(requests.exceptions.Timeout):
+        post(esb.url, pki, timeout=0.5)
+    assert [r.status for r in esb.received] == [0]
+    assert esb.copies() == {"rec1": 1}  # taken in: only the answer is missing
+    assert post(esb.url, pki).status_code == 200  # the next POST is served
+
+
+def test_stall_sends_the_headers_and_never_the_body(esb, pki):
+    esb.inject(stall=True)
+    answer, _ = raw_exchange(esb.url, pki, read_for=1.0)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: " in head
+    assert rest == b""
+    assert esb.copies() == {"rec1": 1}
+
+
+def test_trickle_sends_the_answer_a_byte_at_a_time(esb, pki):
+    esb.inject(trickle=0.1)
+    answer, _ = raw_exchange(esb.url, pki, read_for=1.05)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert 5 <= len(rest) <= 12  # about ten bytes in a second, not the whole answer
+    assert esb.copies() == {"rec1": 1}
+
+
+def test_endless_never_ends(esb, pki):
+    esb.inject(endless=True)
+    answer, _ = raw_exchange(esb.url, pki, read_for=5)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Length" not in head
+    assert len(rest) > 2_000_000
+    assert esb.copies() == {"rec1": 1}
+
+
+def test_garble_breaks_tls_after_the_request(esb, pki):
+    esb.inject(garble=True)
+    with pytest.raises(requests.exceptions.SSLError):
+        post(esb.url, pki)
+    assert [r.record_id for r in esb.received] == ["rec1"]
+    assert esb.accepted == []  # unless processed=True
+
+
+def test_an_injected_body_is_answered_as_is(esb, pki):
+    esb.inject(body=b"<html>Access denied</html>", content_type="text/html")
+    esb.inject(status=403, body=b"no")
+    first, second = post(esb.url, pki), post(esb.url, pki)
+    assert (first.status_code, first.headers["Content-Type"], first.content) == (200, "text/html",
+                                                                                  b"<html>Access denied</html>")
+    assert (second.status_code, second.content) == (403, b"no")
+    assert esb.accepted == []
+
+
+def test_processed_counts_a_misanswered_message_as_taken_in(esb, pki):
+    esb.inject(status=504, processed=True)
+    esb.inject(status=504)
+    assert post(esb.url, pki, message("a")).status_code == 504
+    assert post(esb.url, pki, message("b")).status_code == 504
+    assert esb.copies() == {"a": 1}
+
+
+def test_only_one_misbehaviour_at_a_time(esb):
+    with pytest.raises(ValueError):
+        esb.inject(hang=True, stall=True)
+
+
+def test_fault_body_in_utf16_and_bare():
+    utf16 = fault_body("soapenv:Client", "bad", encoding="UTF-16")
+    assert utf16.startswith(b"\xff\xfe") or utf16.startswith(b"\xfe\xff")
+    root = etree.fromstring(utf16)
+    assert root.find(f"{{{SOAP_NS}}}Body/{{{SOAP_NS}}}Fault/faultstring").text == "bad"
+    bare = etree.fromstring(fault_body("Client", "bad", bare=True))
+    assert bare.find(f"{{{SOAP_NS}}}Body/Fault/faultstring").text == "bad"
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_tls_version_can_be_pinned_and_a_refused_client_reads_the_alert(pki, version):
+    with ESBSimulator(server_cert=pki.server_cert, server_key=pki.server_key,
+                      client_ca_bundle=pki.client_ca_bundle, tls_version=version) as pinned:
+        response = post(pinned.url, pki)
+        assert response.status_code == 200
+        # With TLS 1.3 the refusal comes after the client's request; the simulator lingers so that the alert
+        # is read, not destroyed by a reset.
+        for _ in range(10):
+            with pytest.raises(requests.exceptions.SSLError) as refused:
+                post(pinned.url, pki, cert="rogue")
+            assert "ALERT_UNKNOWN_CA" in str(refused.value)
+        assert eventually(lambda: pinned.handshake_failures == 10)
+        other = ssl.TLSVersion.TLSv1_3 if version == "1.2" else ssl.TLSVersion.TLSv1_2
+        context = ssl.create_default_context(cafile=str(pki.ca_bundle))
+        context.minimum_version = context.maximum_version = other
+        host, port = pinned.url.split("/")[2].split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as raw, pytest.raises(ssl.SSLError):
+            context.wrap_socket(raw, server_hostname=host)

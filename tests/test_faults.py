@@ -514,7 +514,9 @@ def test_esb_5xx_then_accepts(knack, esb, seed, bridge):
 
 def test_esb_5xx_beyond_its_retries_fails_that_record_only(knack, esb, seed, bridge, state_dir):
     records = seed(3)
-    esb.inject(status=502, count=3)  # all three attempts for the first record
+    # all three attempts for the first record; 503 because it says "not handled" (a 502 may follow a forwarded
+    # message, so since issue 7 it is not retried: see test_esb_failures.py)
+    esb.inject(status=503, count=3)
 
     first = bridge.run()
 
