@@ -242,8 +242,6 @@ def test_an_encrypted_key_without_its_password_never_prompts_on_a_terminal(bridg
     assert_key_refused(output, code, knack, esb)
 
 
-@pytest.mark.xfail(strict=True, reason="run.py must hand settings.esb_key_password to ESBClient(key_password=...); "
-                                       "see the esb branch report. Remove this mark when it does.")
 def test_an_encrypted_key_with_its_password_delivers(run_bridge, knack, esb, seed, encrypted_key, bridge_env):
     records = seed(2)
     run = run_bridge(env={"ESB_KEY": str(encrypted_key), "ESB_KEY_PASSWORD": KEY_PASSWORD})
