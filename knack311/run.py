@@ -205,7 +205,7 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
             esb = ESBClient(settings.esb_endpoint, cert=str(settings.esb_cert), key=str(settings.esb_key),
                             verify=settings.esb_verify, timeout=settings.esb_timeout, stop=stop)
         knack = KnackClient(settings.knack_api_url, settings.knack_app_id, settings.knack_api_key,
-                            timeout=settings.esb_timeout, max_rps=settings.knack_max_rps, stop=stop)
+                            timeout=settings.esb_timeout, max_rps=settings.knack_max_rps, stop=stop, log=log)
         try:
             _process(settings, knack, esb, journal, log, out, summary, stop)
         except OutageError as exc:
