@@ -96,7 +96,7 @@ def knack_retry(attempts: int = 6, backoff: float = 0.5) -> Retry:
         status_forcelist=(429, 500, 502, 503, 504),
         allowed_methods=frozenset({"GET", "PUT"}),  # PUT of a status is idempotent
         respect_retry_after_header=True,
-        retry_after_max=30,  # a long Retry-After must not eat the run's time budget
+        retry_after_max=30,  # and one longer than what is left of the request's ESB_TIMEOUT is not waited for
         raise_on_status=False,
     )
 
