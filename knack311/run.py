@@ -36,6 +36,7 @@ from .outcomes import (
     EXIT_OK,
     FAILED,
     HELD,
+    INFO,
     WARNING,
     Reader,
     Readers,
@@ -161,7 +162,8 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
                             key_password=settings.esb_key_password, verify=settings.esb_verify,
                             timeout=settings.esb_timeout, stop=stop)
         knack = KnackClient(settings.knack_api_url, settings.knack_app_id, settings.knack_api_key,
-                            timeout=settings.esb_timeout, max_rps=settings.knack_max_rps, stop=stop)
+                            timeout=settings.esb_timeout, max_rps=settings.knack_max_rps, stop=stop,
+                            log=lambda line: _knack_said(emit, line))
         try:
             _process(settings, knack, esb, journal, readers, out, summary, stop, run_id)
         except OutageError as exc:
@@ -189,6 +191,13 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
         if lock is not None:
             lock.release()  # a no-op when this run never got the lock
         readers.close()
+
+
+def _knack_said(emit, line: str) -> None:
+    """The Knack client's own lines (each retry as it happens, paging warnings) as events."""
+    warning = line.startswith("WARNING: ")
+    emit("knack_warning" if warning else "knack_retry", line.removeprefix("WARNING: "),
+         level=WARNING if warning else INFO)
 
 
 def _stop_reason(stop: Stop, outage: str) -> str:

@@ -6,8 +6,10 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from urllib3.util import parse_url
 
 from .errors import ConfigError
 from .esb import tls_context
@@ -30,6 +32,7 @@ TEMPLATE_FIELDS = {
 }
 
 DEFAULT_MAX_RUNTIME = 240.0  # seconds: finish inside a 5-minute scheduler timeout
+KNACK_RPS_RANGE = (0.1, 50.0)  # Knack allows an app 10 requests a second; beyond 50 is a typo, below 0.1 a stall
 
 
 @dataclass(frozen=True)
@@ -112,9 +115,9 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
     if missing:
         raise ConfigError(f"missing environment variable(s): {', '.join(missing)}")
 
-    knack_api_url = env.get("KNACK_API_URL", "").strip() or "https://api.knack.com/v1"
-    if urlparse(knack_api_url).scheme not in ("http", "https") or not urlparse(knack_api_url).netloc:
-        raise ConfigError(f"KNACK_API_URL must be an http(s) URL, not {knack_api_url!r}")
+    knack_api_url = _knack_api_url(env)
+    for name in ("KNACK_APP_ID", "KNACK_API_KEY"):
+        _header_safe(env[name].strip(), name)
     esb_endpoint = env["ESB_ENDPOINT"].strip()
     parsed = urlparse(esb_endpoint)
     if parsed.scheme != "https" or not parsed.netloc:
@@ -122,6 +125,9 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
 
     esb_timeout = _positive_number(env, "ESB_TIMEOUT", 30.0)
     knack_max_rps = _positive_number(env, "KNACK_MAX_RPS", 8.0)
+    if not KNACK_RPS_RANGE[0] <= knack_max_rps <= KNACK_RPS_RANGE[1]:
+        raise ConfigError(f"KNACK_MAX_RPS must be between {KNACK_RPS_RANGE[0]:g} and {KNACK_RPS_RANGE[1]:g} requests "
+                          f"a second (Knack allows an app 10), not {env['KNACK_MAX_RPS'].strip()!r}")
 
     verify_flag = env.get("ESB_VERIFY_TLS", "").strip().lower()
     if verify_flag not in ("", "true", "1", "yes", "false", "0", "no"):
@@ -158,6 +164,31 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
         esb_cert=esb_cert, esb_key=esb_key, esb_verify=esb_verify, esb_timeout=esb_timeout,
         state_dir=state_dir, dry_run=dry_run, max_runtime=max_runtime, esb_key_password=esb_key_password,
     )
+
+
+def _knack_api_url(env: dict[str, str]) -> str:
+    """KNACK_API_URL, refused here if requests could not use it (it would fail later with a traceback)."""
+    url = env.get("KNACK_API_URL", "").strip() or "https://api.knack.com/v1"
+    wanted = "an http(s) URL such as https://api.knack.com/v1"
+    if any(not c.isprintable() or c.isspace() for c in url):
+        raise ConfigError(f"KNACK_API_URL must be {wanted}, without spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that is not a number or out of range
+        parse_url(url)  # what requests will make of it
+    except ValueError as exc:
+        raise ConfigError(f"KNACK_API_URL must be {wanted}, not {url!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise ConfigError(f"KNACK_API_URL must be {wanted}, not {url!r}")
+    return url
+
+
+def _header_safe(value: str, name: str) -> None:
+    """The value travels in an HTTP header, which cannot carry line breaks, other control characters or
+    characters beyond Latin-1. The value itself is never printed: it may be a secret."""
+    if any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 or ord(c) > 0xff for c in value):
+        raise ConfigError(f"{name} holds a character an HTTP header cannot carry (a line break, a control "
+                          "character or a non-Latin-1 character); copy it again from Knack's settings")
 
 
 def _path(env: dict[str, str], name: str, default: str) -> Path:

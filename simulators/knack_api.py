@@ -5,6 +5,7 @@ It serves the three endpoints the 311 bridge uses, with the behaviour of the rea
     GET /v1/applications/{app_id}                                  app metadata (no auth, like Knack)
     GET /v1/pages/{scene}/views/{view}/records?filters=&rows_per_page=&page=&sort_field=&sort_order=
                                                                    records of a view
+    GET /v1/objects/{object}/records/{record_id}                   one record, every field
     PUT /v1/objects/{object}/records/{record_id}                   update fields of one record
 
 Real-Knack behaviour reproduced on purpose, because the client must cope with it:
@@ -20,7 +21,8 @@ Real-Knack behaviour reproduced on purpose, because the client must cope with it
 - records of a view sorted by `sort_field` (numbers numerically) in `sort_order` asc or desc.
 
 Faults (slow answers, 5xx, malformed bodies, dropped connections, updates committed but answered with
-an error) are queued with `inject()` and hit the next matching requests.
+an error, answers that never come, come a byte at a time or never end) are queued with `inject()` and hit
+the next matching requests.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import collections
 import copy
 import json
 import math
+import select
 import socket
 import sys
 import threading
@@ -71,6 +74,10 @@ class _Fault:
     drop: bool
     retry_after: float | None
     after_apply: bool
+    # ways of answering badly (see inject()); they come after the request is logged
+    hang: bool = False
+    trickle: float | None = None
+    oversize: int = 0
 
     def matches(self, method: str, target: str) -> bool:
         return self.method in ("*", method) and self.path_contains in target
@@ -295,6 +302,7 @@ class KnackSimulator:
         self._window: collections.deque[float] = collections.deque()  # arrival times of admitted requests
         self._next_other: float | None = None  # when the other clients make their next request
         self._connections: set[socket.socket] = set()
+        self._stopping = threading.Event()  # releases requests held by hang/trickle faults
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -310,6 +318,7 @@ class KnackSimulator:
 
     def start(self) -> KnackSimulator:
         if self._server is None:
+            self._stopping.clear()
             self._server = _Server((self.host, self.port), _Handler)
             self._server.simulator = self
             self.port = self._server.server_address[1]
@@ -324,6 +333,7 @@ class KnackSimulator:
         server, self._server = self._server, None
         if server is None:
             return
+        self._stopping.set()
         server.shutdown()
         # Close kept-alive connections too, so a stopped simulator looks like a Knack outage.
         with self._lock:
@@ -392,6 +402,9 @@ class KnackSimulator:
         drop: bool = False,
         retry_after: float | None = None,
         after_apply: bool = False,
+        hang: bool = False,
+        trickle: float | None = None,
+        oversize: int = 0,
     ) -> None:
         """Make the next `count` requests of `method` ("*" = any) whose path (with its query string)
         contains `path_contains` misbehave: wait `delay` seconds, then drop the connection without an
@@ -400,14 +413,24 @@ class KnackSimulator:
 
         A fractional retry_after is sent as is ("0.5"); HTTP allows whole seconds only and urllib3
         rejects such a header, so use whole numbers unless that is what is being tested.
+
+        Answers that defeat a client's per-read timeouts, as a stuck Knack or proxy does:
+        - hang: accept the request and never answer (until the client goes or the simulator stops); the
+          request is not applied unless after_apply;
+        - trickle=s: send the answer (status line, headers, body) one byte every s seconds;
+        - oversize=n: follow the answer's body with n bytes of JSON whitespace, without Content-Length,
+          so the client cannot know the size before reading it.
         """
         if count < 1:
             raise ValueError("count must be at least 1")
         if drop and status is not None:
             raise ValueError("a fault either drops the connection or answers a status, not both")
+        if hang and (drop or status is not None or trickle or oversize):
+            raise ValueError("a hanging request gets no answer at all")
         with self._lock:
             self._faults.append(
-                _Fault(method.upper(), path_contains, status, body, count, delay, drop, retry_after, after_apply)
+                _Fault(method.upper(), path_contains, status, body, count, delay, drop, retry_after, after_apply,
+                       hang, trickle, oversize)
             )
 
     def clear_faults(self) -> None:
@@ -441,12 +464,58 @@ class KnackSimulator:
             try:
                 json.loads(body)
                 content_type = "application/json; charset=utf-8"
+            except RecursionError:  # JSON nested deeper than Python's parser goes: still JSON
+                content_type = "application/json; charset=utf-8"
             except ValueError:
                 content_type = "text/html; charset=utf-8"  # e.g. a proxy's "bad gateway" page
             reply = _Reply(fault.status, body, content_type)
         if fault.retry_after is not None:
             reply.headers["Retry-After"] = f"{fault.retry_after:g}"
         return reply
+
+    # ----- answering badly (hang, trickle, oversize faults) -----
+
+    def _hang(self, handler: _Handler, fault: _Fault, method: str, path: str, query: dict[str, str], body: bytes,
+              arrived: float) -> None:
+        """Keep the request without ever answering, until the client gives up or the simulator stops."""
+        if fault.after_apply:
+            self._answer(method, urlsplit(handler.path).path, query, handler.headers, body)
+        with self._lock:
+            self.request_log.append(LoggedRequest(method, path, query, 0, dict(handler.headers.items()), arrived))
+        handler.close_connection = True
+        connection = handler.connection
+        while not self._stopping.wait(0.05):
+            readable, _, _ = select.select([connection], [], [], 0)
+            if readable:  # the client closed its end (or sent more, which it would not while waiting)
+                try:
+                    if not connection.recv(1, socket.MSG_PEEK):
+                        return
+                except OSError:
+                    return
+
+    def _answer_badly(self, handler: _Handler, reply: _Reply, fault: _Fault) -> None:
+        """Write the answer a byte at a time (trickle) and/or followed by padding of unannounced size."""
+        reason = handler.responses.get(reply.status, ("",))[0]
+        head = [f"HTTP/1.1 {reply.status} {reason}", f"Content-Type: {reply.content_type}", "Connection: close"]
+        if not fault.oversize:
+            head.append(f"Content-Length: {len(reply.body)}")
+        head += [f"{name}: {value}" for name, value in reply.headers.items()]
+        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + reply.body
+        handler.close_connection = True
+        try:
+            if fault.trickle:
+                for index in range(len(data)):
+                    if self._stopping.wait(fault.trickle):
+                        return
+                    handler.wfile.write(data[index:index + 1])
+            else:
+                handler.wfile.write(data)
+            padding, left = b" " * 65536, fault.oversize
+            while left > 0 and not self._stopping.is_set():
+                handler.wfile.write(padding[:left])
+                left -= len(padding)
+        except OSError:  # the client gave up, as it should
+            pass
 
     # ----- serving -----
 
@@ -472,13 +541,17 @@ class KnackSimulator:
         if fault is not None and fault.delay:
             time.sleep(fault.delay)
 
+        if fault is not None and fault.hang:
+            self._hang(handler, fault, method, path, query, body, arrived)
+            return
+
         reply: _Reply | None
         if fault is None or not fault.replaces_answer:
-            reply = self._answer(method, path, query, handler.headers, body)
+            reply = self._answer(method, split.path, query, handler.headers, body)
         else:
             if fault.after_apply:
                 # Knack commits the change, but the client never sees a good answer.
-                self._answer(method, path, query, handler.headers, body)
+                self._answer(method, split.path, query, handler.headers, body)
             reply = None if fault.drop else self._fault_reply(fault)
 
         # Log before answering, so a test that has its answer also sees the log entry.
@@ -494,6 +567,9 @@ class KnackSimulator:
             except OSError:
                 pass
             return
+        if fault is not None and (fault.trickle or fault.oversize):
+            self._answer_badly(handler, reply, fault)
+            return
         try:
             handler.send_response(reply.status)
             handler.send_header("Content-Type", reply.content_type)
@@ -506,8 +582,9 @@ class KnackSimulator:
             handler.close_connection = True
 
     def _answer(self, method: str, path: str, query: dict[str, str], headers, body: bytes) -> _Reply:
-        """What the real Knack answers (no faults)."""
-        parts = path.strip("/").split("/")
+        """What the real Knack answers (no faults) to a request for `path` (as sent, still %-escaped)."""
+        # Split before unescaping, like a real router: an escaped "/" or "?" in a record id stays in the id.
+        parts = [unquote(part) for part in path.strip("/").split("/")]
         is_metadata = method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "applications"]
         is_view_records = (
             method == "GET" and len(parts) == 6 and parts[:2] == ["v1", "pages"] and parts[3] == "views"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -715,6 +716,121 @@ def test_a_stopped_simulator_refuses_connections_until_restarted(make_sim):
 
         sim.start()  # same port, same state: Knack is back
         assert session.get(view_url(sim), headers=AUTH, timeout=TIMEOUT).json()["total_records"] == 2
+
+
+# ----- one record, escaped ids -----
+
+
+def test_get_of_one_record_returns_every_field_and_404_when_gone(sim):
+    records = activities(2)
+    sim.add_records(DT["obj"], records)
+    url = f"{sim.url}/objects/{DT['obj']}/records"
+
+    found = requests.get(f"{url}/{records[1]['id']}", headers=AUTH, timeout=TIMEOUT)
+    gone = requests.get(f"{url}/5f0000000000000000000000", headers=AUTH, timeout=TIMEOUT)
+    unauthorised = requests.get(f"{url}/{records[1]['id']}", timeout=TIMEOUT)
+
+    assert found.status_code == 200 and found.json() == records[1]
+    assert gone.status_code == 404
+    assert unauthorised.status_code == 401
+
+
+@pytest.mark.parametrize("odd_id", ["recB?x=1", "recB/../recA", "recB#top"])
+def test_an_escaped_record_id_is_routed_whole_like_knack_does(sim, odd_id):
+    [plain] = activities(1)
+    odd = {**activities(1, start=2)[0], "id": odd_id}
+    sim.add_records(DT["obj"], [plain, odd])
+    escaped = requests.utils.quote(odd_id, safe="")
+
+    answer = requests.put(f"{sim.url}/objects/{DT['obj']}/records/{escaped}", headers=AUTH, timeout=TIMEOUT,
+                          json={DT_FIELDS["esb_status"]: "SENT"})
+
+    assert answer.status_code == 200 and answer.json()["id"] == odd_id
+    assert sim.updates == [(DT["obj"], odd_id, {DT_FIELDS["esb_status"]: "SENT"})]
+    assert sim.record(DT["obj"], plain["id"]) == plain
+
+
+# ----- answers that never come, come a byte at a time, or never end -----
+
+
+def test_a_hanging_request_gets_no_answer_and_is_not_applied(sim):
+    [record] = activities(1)
+    sim.add_records(DT["obj"], [record])
+    sim.inject("PUT", record["id"], hang=True)
+
+    with pytest.raises(requests.Timeout):
+        set_status_hasty(sim, record["id"])
+
+    assert [(entry.method, entry.status) for entry in sim.request_log] == [("PUT", 0)]
+    assert sim.updates == []
+
+
+def test_a_hanging_request_after_apply_commits_the_update(sim):
+    [record] = activities(1)
+    sim.add_records(DT["obj"], [record])
+    sim.inject("PUT", record["id"], hang=True, after_apply=True)
+
+    with pytest.raises(requests.Timeout):
+        set_status_hasty(sim, record["id"])
+
+    assert sim.record(DT["obj"], record["id"])[DT_FIELDS["esb_status"] + "_raw"] == "SENT"
+
+
+def test_stopping_the_simulator_releases_a_hanging_request(sim):
+    sim.inject("GET", "/applications/", hang=True)
+    outcome = []
+
+    def ask():
+        try:
+            requests.get(f"{sim.url}/applications/{APP_ID}", timeout=30)
+        except requests.RequestException as exc:
+            outcome.append(exc)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    while not sim.request_log:
+        time.sleep(0.01)
+    started = time.monotonic()
+    sim.stop()
+    asker.join(10)
+
+    assert not asker.is_alive() and time.monotonic() - started < 5
+    assert isinstance(outcome[0], requests.ConnectionError)
+
+
+def test_a_trickled_answer_never_trips_a_per_read_timeout(sim):
+    sim.inject("GET", "/applications/", status=418, body='{"slow": true}', trickle=0.01)
+
+    started = time.monotonic()
+    answer = requests.get(f"{sim.url}/applications/{APP_ID}", timeout=0.5)
+    took = time.monotonic() - started
+
+    assert answer.status_code == 418 and answer.json() == {"slow": True}
+    assert took >= 0.01 * len(answer.content) + 0.5  # every byte of it came late, the headers too
+
+
+def test_an_oversize_answer_has_no_length_and_pads_the_json(sim):
+    sim.inject("GET", "/applications/", oversize=1_000_000)
+
+    answer = requests.get(f"{sim.url}/applications/{APP_ID}", timeout=TIMEOUT)
+
+    assert "Content-Length" not in answer.headers
+    assert len(answer.content) >= 1_000_000
+    assert answer.json()["application"]["id"] == APP_ID
+
+
+def test_deeply_nested_json_is_served_as_json(sim):
+    sim.inject("GET", "/applications/", status=200, body="[" * 50_000 + "]" * 50_000)
+
+    answer = requests.get(f"{sim.url}/applications/{APP_ID}", timeout=TIMEOUT)
+
+    assert answer.headers["Content-Type"].startswith("application/json")
+    assert len(answer.content) == 100_000
+
+
+def set_status_hasty(sim, record_id: str) -> requests.Response:
+    return requests.put(f"{sim.url}/objects/{DT['obj']}/records/{record_id}", json={DT_FIELDS["esb_status"]: "SENT"},
+                        headers=AUTH, timeout=0.5)
 
 
 # ----- record builders against the recorded payloads -----

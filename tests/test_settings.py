@@ -157,6 +157,52 @@ def test_knack_api_url_must_be_http(env, url):
     assert "KNACK_API_URL" in str(err.value)
 
 
+@pytest.mark.parametrize("url", ["http://[::1", "http://[::1/v1", "http://127.0.0.1:99999/v1", "http://host:port/v1",
+                                 "http://knack host/v1", "https://api.knack.com/\nv1", "http://:80/v1",
+                                 "http://host:0/v1"])
+def test_knack_api_url_that_does_not_parse_is_a_config_error(env, url):
+    env["KNACK_API_URL"] = url
+    with pytest.raises(ConfigError) as err:
+        load_settings("data-tracker", env, config.CONFIG)
+    assert "KNACK_API_URL" in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["http://[::1]:8080/v1", "https://api.knack.com/v1", "http://localhost:65535"])
+def test_knack_api_urls_that_parse_are_kept(env, url):
+    env["KNACK_API_URL"] = url
+    assert load_settings("data-tracker", env, config.CONFIG).knack_api_url == url
+
+
+@pytest.mark.parametrize("name", ["KNACK_API_KEY", "KNACK_APP_ID"])
+@pytest.mark.parametrize("value", ["abc\ndef", "abc\r\nX-Other: 1", "abc\x00def", "abc\x7fdef", "ключ-abc",
+                                   "abc\u2028def", "abc\x85def"])
+def test_knack_key_or_app_id_a_header_cannot_carry_is_a_config_error_that_never_shows_it(env, name, value):
+    env[name] = value
+    with pytest.raises(ConfigError) as err:
+        load_settings("data-tracker", env, config.CONFIG)
+    assert name in str(err.value)
+    assert value.strip() not in str(err.value) and "abc" not in str(err.value)
+
+
+def test_a_latin_1_api_key_is_carried(env):
+    env["KNACK_API_KEY"] = "clé-api-1234"
+    assert load_settings("data-tracker", env, config.CONFIG).knack_api_key == "clé-api-1234"
+
+
+@pytest.mark.parametrize("value", ["0.09", "0.05", "50.5", "51", "200"])
+def test_knack_max_rps_outside_0_1_to_50_is_a_config_error(env, value):
+    env["KNACK_MAX_RPS"] = value
+    with pytest.raises(ConfigError) as err:
+        load_settings("data-tracker", env, config.CONFIG)
+    assert "KNACK_MAX_RPS" in str(err.value) and "0.1" in str(err.value) and "50" in str(err.value)
+
+
+@pytest.mark.parametrize("value, expected", [("0.1", 0.1), ("50", 50.0), ("8", 8.0), ("", 8.0)])
+def test_knack_max_rps_within_bounds_is_kept(env, value, expected):
+    env["KNACK_MAX_RPS"] = value
+    assert load_settings("data-tracker", env, config.CONFIG).knack_max_rps == expected
+
+
 def test_knack_api_url_override(env):
     env["KNACK_API_URL"] = "http://127.0.0.1:8765/v1"
     assert load_settings("data-tracker", env, config.CONFIG).knack_api_url == "http://127.0.0.1:8765/v1"

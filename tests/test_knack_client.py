@@ -1,0 +1,382 @@
+"""KnackClient against the Knack simulator over real HTTP: what counts as an answer, where paging ends, how a
+request ends (deadline, stop signal, retries), what a failure line says and what it never says.
+
+The end-to-end versions of these, through the real command, are in test_knack_failures.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from config import CONFIG
+from knack311.errors import ConfigError, OutageError
+from knack311.knack import MAX_ANSWER_BYTES, KnackClient, KnackHTTPError, RecordGone
+from knack311.stopping import Stop
+from simulators.activities import app_metadata
+from tests.conftest import API_KEY, APP_ID, Seeder, make_knack
+
+APP = CONFIG["data-tracker"]
+OBJ, VIEW = APP["obj"], APP["view"]
+FIELDS = APP["fields"]
+STATUS = FIELDS["esb_status"]
+EMI = FIELDS["emi_id"]
+
+
+@pytest.fixture
+def knack():
+    with make_knack(rate_limit=None) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def seed(knack):
+    return Seeder(knack)
+
+
+class Lines(list):
+    def naming(self, text: str) -> list[str]:
+        return [line for line in self if text in line]
+
+
+@pytest.fixture
+def lines():
+    return Lines()
+
+
+@pytest.fixture
+def client(knack, lines):
+    made = []
+
+    def make(url: str | None = None, *, timeout: float = 2.0, stop: Stop | None = None, **kwargs) -> KnackClient:
+        c = KnackClient(url or knack.url, APP_ID, API_KEY, timeout=timeout, max_rps=50, stop=stop,
+                        log=lines.append, **kwargs)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def ready(c: KnackClient) -> list[dict]:
+    return c.ready_records("scene_1", VIEW, EMI, STATUS)
+
+
+def requests_to(knack, method: str, part: str) -> list:
+    return [r for r in knack.request_log if r.method == method and part in r.path]
+
+
+def page(records: list[dict], *, total_pages: int, total_records: int, current: int = 1) -> str:
+    return json.dumps({"total_pages": total_pages, "current_page": current, "total_records": total_records,
+                       "records": records})
+
+
+# ----- set_status: only an answer that shows the new status counts ----------------------------------------------
+
+def test_an_answer_showing_the_new_status_is_a_success(knack, seed, client):
+    [record] = seed(1)
+    client().set_status(OBJ, record["id"], STATUS, "SENT")
+    assert knack.record(OBJ, record["id"])[f"{STATUS}_raw"] == "SENT"
+
+
+@pytest.mark.parametrize("answer", [
+    "{}", "[]", '"ok"', "null",
+    '{"id": "%(id)s"}',
+    '{"record": {"id": "%(id)s", "%(status)s": "SENT", "%(status)s_raw": "SENT"}}',
+    '{"id": "someone-else", "%(status)s": "SENT", "%(status)s_raw": "SENT"}',
+    '{"id": "%(id)s", "%(status)s": "SENT", "%(status)s_raw": "READY_TO_SEND"}',
+], ids=["empty-object", "list", "string", "null", "id-only", "wrapped", "other-record", "raw-disagrees"])
+def test_an_answer_that_does_not_show_the_new_status_is_not_a_success(knack, seed, client, answer):
+    [record] = seed(1)
+    knack.inject("PUT", record["id"], status=200, body=answer % {"id": record["id"], "status": STATUS})
+    with pytest.raises(OutageError) as failed:
+        client().set_status(OBJ, record["id"], STATUS, "SENT")
+    assert record["id"] in str(failed.value)
+    assert knack.record(OBJ, record["id"])[f"{STATUS}_raw"] == "READY_TO_SEND"
+    assert len(requests_to(knack, "PUT", record["id"])) == 1  # a 200 is not retried, whatever it says
+
+
+def test_a_display_value_alone_is_enough(knack, seed, client):
+    [record] = seed(1)
+    knack.inject("PUT", record["id"], status=200, body=json.dumps({"id": record["id"], STATUS: "SENT"}))
+    client().set_status(OBJ, record["id"], STATUS, "SENT")
+
+
+@pytest.mark.parametrize("hostile", ["recB?x=1", "recB#x", "recB/../recB", "recB%3F", "recB x"])
+def test_a_hostile_record_id_addresses_that_record_only(knack, client, hostile):
+    seed = Seeder(knack)
+    [victim] = seed(1, record_id="recB", esb_status="DO_NOT_SEND")
+    [odd] = seed(1, record_id=hostile)
+    c = client()
+    c.set_status(OBJ, hostile, STATUS, "SENT")
+    assert knack.record(OBJ, odd["id"])[f"{STATUS}_raw"] == "SENT"
+    assert knack.record(OBJ, victim["id"])[f"{STATUS}_raw"] == "DO_NOT_SEND"
+    assert c.record_status(OBJ, hostile, STATUS) == "SENT"
+
+
+# ----- record_status --------------------------------------------------------------------------------------------
+
+def test_record_status_reads_one_record(knack, seed, client):
+    records = seed(2)
+    c = client()
+    c.set_status(OBJ, records[1]["id"], STATUS, "SENT")
+    assert c.record_status(OBJ, records[0]["id"], STATUS) == "READY_TO_SEND"
+    assert c.record_status(OBJ, records[1]["id"], STATUS) == "SENT"
+    assert [r.path for r in knack.request_log if r.method == "GET"] == [
+        f"/v1/objects/{OBJ}/records/{records[0]['id']}", f"/v1/objects/{OBJ}/records/{records[1]['id']}"]
+
+
+def test_record_status_of_a_deleted_record_is_record_gone(knack, seed, client):
+    with pytest.raises(RecordGone) as gone:
+        client().record_status(OBJ, "5f0000000000000000000000", STATUS)
+    assert gone.value.status == 404 and isinstance(gone.value, OutageError)
+
+
+@pytest.mark.parametrize("fault", [{"status": 400}, {"status": 200, "body": "{}"}, {"status": 200, "body": "<html>"},
+                                   {"status": 503, "count": 20}], ids=["400", "no-status", "not-json", "503s"])
+def test_record_status_that_cannot_be_read_is_an_outage_not_record_gone(knack, seed, client, fault):
+    [record] = seed(1)
+    knack.inject("GET", record["id"], **fault)
+    with pytest.raises(OutageError) as failed:
+        client().record_status(OBJ, record["id"], STATUS)
+    assert not isinstance(failed.value, RecordGone)
+
+
+# ----- paging ends --------------------------------------------------------------------------------------------
+
+def test_a_knack_that_repeats_page_1_under_a_huge_page_count_is_read_twice_not_100000_times(knack, seed, client,
+                                                                                            lines):
+    records = seed(3)
+    knack.inject("GET", "/views/", status=200, count=100_000,
+                 body=page(records, total_pages=100_000, total_records=100_000_000))
+    got = ready(client())
+    assert sorted(r["id"] for r in got) == sorted(r["id"] for r in records)
+    assert len(requests_to(knack, "GET", "/views/")) == 2
+    assert lines.naming("no record not seen"), lines
+
+
+def test_total_pages_beyond_what_total_records_allows_is_not_followed(knack, seed, client, lines):
+    first, second, third = seed(3), seed(3), seed(3)
+    # each page brings new records, but 3 records on pages of 3 make one page (two with a record added)
+    knack.inject("GET", "page=1", status=200, body=page(first, total_pages=100_000, total_records=3))
+    knack.inject("GET", "page=2", status=200, body=page(second, total_pages=100_000, total_records=3, current=2))
+    knack.inject("GET", "page=3", status=200, body=page(third, total_pages=100_000, total_records=3, current=3))
+    got = ready(client())
+    assert {r["id"] for r in got} == {r["id"] for r in first + second}
+    assert len(requests_to(knack, "GET", "/views/")) == 2
+    assert lines.naming("says 100000 pages"), lines
+
+
+def test_paging_that_outlasts_the_time_budget_is_an_outage(knack, client):
+    with make_knack(rate_limit=None, max_rows_per_page=10) as paged:
+        Seeder(paged)(100)
+        paged.latency = 0.2
+        with pytest.raises(OutageError, match="time budget"):
+            ready(client(paged.url, stop=Stop(max_runtime=0.5, request_timeout=2)))
+        assert 2 <= len(requests_to(paged, "GET", "/views/")) <= 4
+
+
+def test_pages_of_real_data_are_all_read(client):
+    with make_knack(rate_limit=None, max_rows_per_page=10) as paged:
+        records = Seeder(paged)(95)
+        assert len(ready(client(paged.url))) == len(records)
+
+
+# ----- answers that cannot be used --------------------------------------------------------------------------------
+
+def test_an_answer_over_50_mb_is_refused(knack, seed, client):
+    seed(2)
+    knack.inject("GET", "/views/", oversize=MAX_ANSWER_BYTES + 1_000_000)
+    with pytest.raises(OutageError, match="50 MB"):
+        ready(client(timeout=10))
+
+
+@pytest.mark.parametrize("where", ["/applications/", "/views/"])
+def test_json_nested_too_deeply_is_a_clean_outage(knack, seed, client, where):
+    seed(1)
+    knack.inject("GET", where, status=200, body="[" * 100_000 + "]" * 100_000)
+    c = client()
+    with pytest.raises(OutageError, match="nested too deeply"):
+        if where == "/views/":
+            ready(c)
+        else:
+            c.app_schema(OBJ, VIEW)
+
+
+def _metadata() -> dict:
+    return app_metadata("data-tracker", APP, timezone="Central Time (US & Canada)", app_id=APP_ID)
+
+
+def _set(path: tuple, value):
+    def change(metadata):
+        target = metadata["application"]
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        return metadata
+    return change
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: {"application": "yes"},
+    lambda m: [m],
+    _set(("scenes",), "scene_1"),
+    _set(("scenes",), {"key": "scene_1"}),
+    _set(("scenes",), ["scene_1"]),
+    _set(("scenes", 0, "views"), {"key": VIEW}),
+    _set(("objects",), {OBJ: {}}),
+    _set(("objects",), [OBJ]),
+    _set(("settings",), ["timezone"]),
+    _set(("settings",), "Central Time (US & Canada)"),
+    _set(("settings", "timezone"), 6),
+], ids=["application-text", "list", "scenes-text", "scenes-dict", "scenes-of-text", "views-dict", "objects-dict",
+        "objects-of-text", "settings-list", "settings-text", "timezone-number"])
+def test_metadata_of_the_wrong_shape_is_an_outage_not_a_crash(knack, client, change):
+    knack.set_metadata(change(_metadata()))
+    with pytest.raises(OutageError) as failed:
+        client().app_schema(OBJ, VIEW)
+    assert str(failed.value).startswith("Knack app metadata:")
+
+
+def test_fields_of_the_wrong_shape_are_an_outage(knack, client):
+    metadata = _metadata()
+    for obj in metadata["application"]["objects"]:
+        if obj["key"] == OBJ:
+            obj["fields"] = [f["key"] for f in obj["fields"]]
+    knack.set_metadata(metadata)
+    with pytest.raises(OutageError, match="fields of"):
+        client().app_schema(OBJ, VIEW)
+
+
+def test_well_formed_metadata_without_the_view_is_a_config_error(knack, client):
+    metadata = _metadata()
+    for scene in metadata["application"]["scenes"]:
+        scene["views"] = []
+    knack.set_metadata(metadata)
+    with pytest.raises(ConfigError, match=VIEW):
+        client().app_schema(OBJ, VIEW)
+
+
+def test_a_404_on_the_metadata_names_both_the_app_id_and_the_url(knack, client):
+    with pytest.raises(ConfigError) as failed:
+        client(knack.url.replace("/v1", "/v2")).app_schema(OBJ, VIEW)
+    assert "KNACK_APP_ID" in str(failed.value) and "KNACK_API_URL" in str(failed.value)
+
+
+def test_a_redirect_is_not_followed_with_the_key(knack, client):
+    knack.inject("GET", "/applications/", status=302, body="")
+    with pytest.raises(KnackHTTPError, match="redirect"):
+        client().app_schema(OBJ, VIEW)
+    assert len(knack.request_log) == 1
+
+
+# ----- what a failure says, and never says ----------------------------------------------------------------------
+
+def test_an_error_echoing_the_key_and_app_id_is_redacted(knack, seed, client, lines):
+    [record] = seed(1)
+    echo = json.dumps({"errors": [{"message": f"key {API_KEY} is not valid for app {APP_ID}\nX-Injected: 1"}]})
+    knack.inject("PUT", record["id"], status=400, body=echo)
+    knack.inject("GET", "/applications/", status=503, body=f"<html>proxy: key={API_KEY} app={APP_ID}</html>",
+                 count=20)
+    c = client()
+    with pytest.raises(OutageError) as update:
+        c.set_status(OBJ, record["id"], STATUS, "SENT")
+    with pytest.raises(OutageError) as metadata:
+        c.app_schema(OBJ, VIEW)
+    for text in [str(update.value), str(metadata.value), *lines]:
+        assert API_KEY not in text and APP_ID not in text, text
+        assert "\n" not in text
+    assert "[KNACK_API_KEY]" in str(update.value) and "[KNACK_APP_ID]" in str(update.value)
+
+
+def test_unreachable_knack_names_the_address_and_the_cause_and_logs_each_retry(knack, client, lines):
+    address = f"127.0.0.1:{knack.port}"
+    knack.stop()
+    with pytest.raises(OutageError) as failed:
+        client(timeout=2).app_schema(OBJ, VIEW)
+    assert address in str(failed.value) and "connection refused" in str(failed.value)
+    retries = lines.naming("retry")
+    assert len(retries) >= 1 and all(address in line and "connection refused" in line for line in retries)
+
+
+def test_a_name_that_does_not_resolve_is_named(client):
+    with pytest.raises(OutageError, match=r"knack\.invalid:443 could not be resolved"):
+        client("https://knack.invalid/v1", timeout=1).app_schema(OBJ, VIEW)
+
+
+def test_tls_to_a_server_that_does_not_speak_it_is_named(knack, client):
+    with pytest.raises(OutageError, match=rf"TLS with 127\.0\.0\.1:{knack.port} failed"):
+        client(knack.url.replace("http://", "https://"), timeout=1).app_schema(OBJ, VIEW)
+
+
+def test_a_failing_proxy_is_named(knack, client, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with pytest.raises(OutageError, match="proxy"):
+        client(timeout=1).app_schema(OBJ, VIEW)
+    assert knack.request_log == []
+
+
+# ----- deadlines and the stop signal ----------------------------------------------------------------------------
+
+def test_a_hanging_knack_is_cut_at_the_request_timeout_and_not_retried_behind_the_callers_back(knack, client):
+    knack.inject("GET", "/applications/", hang=True, count=10)
+    started = time.monotonic()
+    with pytest.raises(OutageError, match="within 1s"):
+        client(timeout=1).app_schema(OBJ, VIEW)
+    assert time.monotonic() - started < 3
+    time.sleep(2.5)  # the abandoned request's thread meets its read timeout: it must not try again
+    assert len(knack.request_log) == 1
+
+
+def test_a_trickling_answer_is_cut_at_the_request_timeout(knack, seed, client):
+    seed(2)
+    knack.inject("GET", "/views/", trickle=0.05)
+    started = time.monotonic()
+    with pytest.raises(OutageError, match="no complete answer"):
+        ready(client(timeout=1))
+    assert time.monotonic() - started < 3
+
+
+def test_a_stop_signal_abandons_a_hanging_read_at_once(knack, client):
+    knack.inject("GET", "/applications/", hang=True)
+    stop = Stop()
+    threading.Timer(0.3, stop.request, args=("SIGTERM",)).start()
+    started = time.monotonic()
+    with pytest.raises(OutageError, match="SIGTERM"):
+        client(timeout=30, stop=stop).app_schema(OBJ, VIEW)
+    assert time.monotonic() - started < 2
+
+
+def test_no_retry_starts_after_a_stop_signal_during_a_retry_after_wait(knack, seed, client):
+    [record] = seed(1)
+    knack.inject("PUT", record["id"], status=429, retry_after=5, count=10)
+    stop = Stop()
+    threading.Timer(0.5, stop.request, args=("SIGTERM",)).start()
+    with pytest.raises(OutageError, match="SIGTERM"):
+        client(timeout=30, stop=stop).set_status(OBJ, record["id"], STATUS, "SENT")
+    time.sleep(1)
+    assert [r.status for r in requests_to(knack, "PUT", record["id"])] == [429]
+
+
+def test_a_retry_after_longer_than_the_request_timeout_is_not_waited_for(knack, seed, client):
+    [record] = seed(1)
+    knack.inject("PUT", record["id"], status=429, retry_after=30, count=10)
+    started = time.monotonic()
+    with pytest.raises(OutageError, match="would pass"):
+        client(timeout=5).set_status(OBJ, record["id"], STATUS, "SENT")
+    assert time.monotonic() - started < 2
+    assert len(requests_to(knack, "PUT", record["id"])) == 1
+
+
+def test_nothing_starts_past_the_runs_deadline(knack, client):
+    stop = Stop(max_runtime=0.1, request_timeout=0.1)
+    time.sleep(0.3)
+    with pytest.raises(OutageError, match="time"):
+        client(stop=stop).app_schema(OBJ, VIEW)
+    assert knack.request_log == []
