@@ -478,15 +478,6 @@ def _app_schema(data: object, obj: str, view: str) -> AppSchema:
         raise OutageError(f"Knack app metadata: {exc}; the answer cannot be used") from None
     return AppSchema(scene=scene, field_types=field_types, timezone_name=timezone or None)
 
-    # Minimal stand-in for the knackapi branch's version (same signature); the lead keeps that one at merge.
-    def record_status(self, obj: str, record_id: str, status_field: str) -> str:
-        """One record's status raw value, read with one GET of the record (raises OutageError on failure)."""
-        what = f"read of record {record_id}"
-        record = self._request("GET", f"/objects/{obj}/records/{quote(record_id, safe='')}", what)
-        if not isinstance(record, dict):
-            raise OutageError(f"Knack {what}: reply is not a record")
-        return str(record.get(f"{status_field}_raw", record.get(status_field, "")))
-
 
 def _dicts(value: object, where: str) -> list[dict]:
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
