@@ -54,6 +54,7 @@ DO_NOT_SEND = "DO_NOT_SEND"
 
 ROWS_PER_PAGE = 1000  # Knack's maximum
 MAX_ANSWER_BYTES = 50 * 1024 * 1024  # a page of 1000 records is a few MB; beyond this an answer is broken
+REDACT_MIN = 8     # characters: see KnackClient._secrets
 MAX_PAGES = 1000  # a million records waiting is no 311 backlog: a page count beyond this is not believed
 
 
@@ -193,9 +194,12 @@ class KnackClient:
         self._total = timeout  # ESB_TIMEOUT: one request with its retries, connect to the last byte
         self._timeout = (min(10.0, timeout), timeout)
         self._pacer = _Pacer(max_rps)
-        # longest first, so that a key containing the app id is not half-redacted
+        # longest first, so that a key containing the app id is not half-redacted. A value shorter than
+        # REDACT_MIN is no real Knack key or id (those are 24+ characters) and redacting it would garble every
+        # line that happens to contain those letters; printing it gives nothing away.
         self._secrets = sorted({(v, name) for value, name in ((api_key, "[KNACK_API_KEY]"), (app_id, "[KNACK_APP_ID]"))
-                                if value for v in (value, quote(value, safe=""))}, key=lambda s: -len(s[0]))
+                                if len(value) >= REDACT_MIN for v in (value, quote(value, safe=""))},
+                               key=lambda s: -len(s[0]))
         url = parse_url(self._base)
         self._address = f"{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
         self._session = requests.Session()

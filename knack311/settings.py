@@ -6,7 +6,7 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse, urlsplit
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from urllib3.util import parse_url
@@ -118,10 +118,7 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
     knack_api_url = _knack_api_url(env)
     for name in ("KNACK_APP_ID", "KNACK_API_KEY"):
         _header_safe(env[name].strip(), name)
-    esb_endpoint = env["ESB_ENDPOINT"].strip()
-    parsed = urlparse(esb_endpoint)
-    if parsed.scheme != "https" or not parsed.netloc:
-        raise ConfigError("ESB_ENDPOINT must be an https:// URL (messages go over mutual TLS)")
+    esb_endpoint = _esb_endpoint(env["ESB_ENDPOINT"].strip())
 
     esb_timeout = _positive_number(env, "ESB_TIMEOUT", 30.0)
     knack_max_rps = _positive_number(env, "KNACK_MAX_RPS", 8.0)
@@ -180,6 +177,22 @@ def _knack_api_url(env: dict[str, str]) -> str:
         raise ConfigError(f"KNACK_API_URL must be {wanted}, not {url!r} ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
         raise ConfigError(f"KNACK_API_URL must be {wanted}, not {url!r}")
+    return url
+
+
+def _esb_endpoint(url: str) -> str:
+    """ESB_ENDPOINT, refused here if requests could not use it (it would fail later with a traceback)."""
+    wanted = "ESB_ENDPOINT must be an https:// URL (messages go over mutual TLS)"
+    if any(not c.isprintable() or c.isspace() for c in url):
+        raise ConfigError(f"{wanted}, without spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that is not a number or out of range
+        parse_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{wanted}, not {url!r} ({exc})") from None
+    if parts.scheme != "https" or not parts.hostname or port == 0:
+        raise ConfigError(f"{wanted}, not {url!r}")
     return url
 
 

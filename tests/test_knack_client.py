@@ -380,3 +380,15 @@ def test_nothing_starts_past_the_runs_deadline(knack, client):
     with pytest.raises(OutageError, match="time"):
         client(stop=stop).app_schema(OBJ, VIEW)
     assert knack.request_log == []
+
+
+def test_a_short_key_or_app_id_is_not_redacted_letter_by_letter(knack):
+    """No real Knack key or id is this short; redacting one would garble every line holding those letters."""
+    client = KnackClient(knack.url, "a", "b", timeout=5)
+    try:
+        with pytest.raises((ConfigError, OutageError)) as refused:
+            client.ready_records("scene_1", "view_1653", "field_1868", "field_1860")
+    finally:
+        client.close()
+    message = str(refused.value)
+    assert "[KNACK_" not in message and "records" in message and "Knack" in message, message

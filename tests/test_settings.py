@@ -109,7 +109,8 @@ def test_all_missing_env_vars_are_named_at_once():
 
 @pytest.mark.parametrize("endpoint", [
     "http://esb.example.test/AcceptKnack", "esb.example.test/AcceptKnack", "ftp://esb.example.test/", "https://",
-    "https:///path-only",
+    "https:///path-only", "https://[::1", "https://esb.example.test:99999/x", "https://esb example/x",
+    "https://esb.example.test/a\nb", "https://esb.example.test:0/x",
 ])
 def test_esb_endpoint_must_be_https(env, endpoint):
     env["ESB_ENDPOINT"] = endpoint
