@@ -48,7 +48,7 @@ def knack():
 
 @pytest.fixture
 def bridge_env(bridge_env):
-    return {**bridge_env, "KNACK_MAX_RPS": "200"}
+    return {**bridge_env, "KNACK_MAX_RPS": "50"}
 
 
 @pytest.fixture
