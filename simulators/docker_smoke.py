@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 from config import CONFIG
@@ -286,6 +287,41 @@ def check_scheduled_runs(checks: Checks) -> None:
                          "a second run exits 0 and sends nothing again (the journal persisted in the volume)",
                          f"exit {returncode2}, accepted copies {dict(esb.copies())}")
             checks.check(API_KEY not in output2, "the API key does not appear in the second run's output either")
+
+            # --- docker stop while Knack hangs: the program must end on SIGTERM, before Docker's SIGKILL ---
+            check_docker_stop(checks, knack, env_file, certs)
+
+
+def check_docker_stop(checks: Checks, knack: KnackSimulator, env_file: Path, certs: Path) -> None:
+    """`docker stop` (default 10 s grace) while a Knack request hangs: exit 1 with a summary naming SIGTERM,
+    not 137 (SIGKILL), and nothing sent."""
+    name = f"knack-311-smoke-stop-{os.getpid()}"
+    knack.inject("GET", "/views/", hang=True, count=1)
+    before = len(knack.request_log)
+    command = ["docker", "run", "--name", name, *HARDENING, "--env-file", str(env_file),
+               "-v", f"{certs}:/certs:ro", "-v", f"{STATE_VOLUME}:/app/state", "--network", "host", IMAGE, APP]
+    print("$ " + " ".join(command) + "   (then docker stop while Knack hangs)", flush=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("/views/" in r.path for r in knack.request_log[before:]):
+            time.sleep(0.2)
+        time.sleep(1.0)  # well inside the hang
+        started = time.monotonic()
+        docker("stop", name, timeout=60)
+        took = time.monotonic() - started
+        output, _ = proc.communicate(timeout=60)
+        code = docker("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        docker("rm", "--force", name)
+    print(textwrap.indent(output.rstrip("\n") or "(no output)", "  | "), flush=True)
+    last = output.strip().splitlines()[-1] if output.strip() else ""
+    checks.check(code == "1" and "summary" in last and "SIGTERM" in last and took < 10,
+                 "docker stop while a Knack request hangs: the program ends on SIGTERM within Docker's grace, "
+                 "exit 1, the summary naming the signal",
+                 f"exit {code or '?'} after {took:.1f}s; last line {last!r}")
 
 
 def check_image(checks: Checks, args: dict[str, str]) -> None:
