@@ -3,6 +3,7 @@
 
     python send_esb_message.py APP_NAME [--dry-run] [--max-runtime SECONDS] [--log-format text|json] [--progress]
     python send_esb_message.py APP_NAME --report
+    python send_esb_message.py APP_NAME --check
 
 Exit codes: 0 all done (or deferred by the time budget), 1 a record failed or the run stopped early,
 2 usage or configuration error, 75 another run for the app is active. See README.md.
@@ -21,6 +22,7 @@ signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # runnable from any working directory
 
+from knack311.check import check_command  # noqa: E402
 from knack311.errors import ConfigError  # noqa: E402
 from knack311.healthcheck import healthcheck_url  # noqa: E402
 from knack311.journal_report import report  # noqa: E402
@@ -61,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="print what the delivery journal knows (deliveries not yet marked SENT or in doubt, "
                            "records that keep failing, the last runs); contacts neither Knack nor the ESB and "
                            "needs only STATE_DIR")
+    mode.add_argument("--check", action="store_true",
+                      help="pre-flight: check the environment, config.py against the Knack app, the certificates, a "
+                           "TLS handshake with the ESB, STATE_DIR, the daily Knack calls left and the records "
+                           "waiting; sends no message and changes nothing. Exit 0 when nothing FAILs, else 2")
     parser.add_argument("--max-runtime", type=seconds, default=DEFAULT_MAX_RUNTIME, metavar="SECONDS",
                         help=f"start no new record after this many seconds (default {DEFAULT_MAX_RUNTIME:g})")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default=None,
@@ -80,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             state_dir = os.environ.get("STATE_DIR", "").strip()
             return report(app.name, Path(state_dir).expanduser().absolute() if state_dir else PROJECT_ROOT / "state")
         env = dict(os.environ)
+        if args.check:
+            return check_command(args.app_name, env, CONFIG,
+                                 log=lambda line: print(line, file=sys.stderr, flush=True))
         settings = load_settings(args.app_name, env, CONFIG, dry_run=args.dry_run, max_runtime=args.max_runtime)
         return run(settings, reporting=reporting(args, env, settings.app.name))
     except ConfigError as exc:

@@ -6,10 +6,10 @@ created. A FAIL names what to fix: the variable, the config.py key, the Knack fi
 marks what could not be checked because something it depends on failed (or was not asked for).
 
 The checks here are pure (values in, rows out) so each is tested on its own; the network parts come in as
-callables, so that the entry script decides how to reach Knack and the ESB:
+callables (NetworkProbes builds them from the settings; check_command wires it all for the entry script):
     fetch_metadata()  -> the app metadata dict (GET /applications/{id}), or raises ConfigError/OutageError
-    esb_handshake()   -> rows for a TLS handshake with the ESB presenting our certificate (no POST)
-    knack_usage()     -> rows for the app's daily Knack calls left and the records waiting
+    esb_handshake()   -> rows for a TLS handshake with the ESB presenting our certificate (no request at all)
+    knack_usage()     -> rows for the app's daily Knack calls left and the records waiting (one one-record read)
 """
 
 from __future__ import annotations
@@ -32,13 +32,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from .errors import ConfigError, OutageError
+from .esb import ESBUnreachable, Handshake, handshake
 from .fields import resolve_timezone
 from .healthcheck import healthcheck_url, ping_host
 from .journal import journal_path
-from .knack import DO_NOT_SEND, READY_TO_SEND, SENT
+from .knack import DO_NOT_SEND, READY_TO_SEND, SENT, KnackClient, KnackHTTPError
 from .logs import log_format_setting, printable, progress_setting
 from .metrics import metrics_path
-from .settings import AppConfig, load_app
+from .pacing import DEFAULT_RESERVE_SHARE, Pacer
+from .settings import AppConfig, Settings, load_app, load_settings
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 EXIT_READY, EXIT_NOT_READY = 0, 2
@@ -93,7 +95,12 @@ def check_environment(env: Mapping[str, str], app_name: str = "") -> list[Row]:
             rows.append(Row(name, OK, "set (not shown)"))
         elif name == "ESB_ENDPOINT":
             parts = urlsplit(value)
-            shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+            try:
+                port = parts.port
+            except ValueError:
+                rows.append(Row(name, FAIL, "the port is not a number from 1 to 65535"))
+                continue
+            shown = f"{parts.scheme}://{parts.hostname or ''}{f':{port}' if port else ''}{parts.path}"
             rows.append(Row(name, OK, shown) if parts.scheme == "https" and parts.hostname
                         else Row(name, FAIL, "must be an https:// URL (messages go over mutual TLS)"))
         else:
@@ -226,8 +233,9 @@ def _name(thing: dict) -> str:
 # --- certificates --------------------------------------------------------------------------------------------
 
 def check_client_certificate(cert_path: Path, key_path: Path, now: dt.datetime,
-                             warn_days: int = CERT_WARN_DAYS) -> list[Row]:
-    """ESB_CERT and ESB_KEY: readable, a certificate in date, and a matching unencrypted key."""
+                             warn_days: int = CERT_WARN_DAYS, password: str = "") -> list[Row]:
+    """ESB_CERT and ESB_KEY: readable, a certificate in date, and a matching key (unencrypted, or decrypted by
+    `password`, ESB_KEY_PASSWORD)."""
     rows = []
     data, problem = _read(cert_path)
     leaf = None
@@ -246,12 +254,20 @@ def check_client_certificate(cert_path: Path, key_path: Path, now: dt.datetime,
     if problem:
         rows.append(Row("ESB_KEY", FAIL, f"{key_path} {problem}"))
         return rows
+    encrypted = False
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:  # cryptography's way of saying "this key needs a password"
-        rows.append(Row("ESB_KEY", FAIL, f"{key_path} is encrypted; the program needs an unencrypted key "
-                                         "(openssl pkey -in KEY -out esb.pem)"))
-        return rows
+        encrypted = True
+        if not password:
+            rows.append(Row("ESB_KEY", FAIL, f"{key_path} is encrypted and ESB_KEY_PASSWORD is not set (set it, or "
+                                             "decrypt the key: openssl pkey -in KEY -out esb.pem)"))
+            return rows
+        try:
+            key = serialization.load_pem_private_key(data, password=password.encode())
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            rows.append(Row("ESB_KEY", FAIL, f"{key_path} is encrypted and ESB_KEY_PASSWORD does not decrypt it"))
+            return rows
     except (ValueError, UnsupportedAlgorithm):
         rows.append(Row("ESB_KEY", FAIL, f"{key_path} holds no PEM private key"))
         return rows
@@ -265,7 +281,7 @@ def check_client_certificate(cert_path: Path, key_path: Path, now: dt.datetime,
         rows.append(Row("ESB_KEY", WARN, f"matches ESB_CERT, but every user on this machine can read it "
                                          f"(mode {mode:04o}): chmod 0400 or 0440"))
     else:
-        rows.append(Row("ESB_KEY", OK, f"matches ESB_CERT (mode {mode:04o})"))
+        rows.append(Row("ESB_KEY", OK, f"matches ESB_CERT ({'encrypted, ' if encrypted else ''}mode {mode:04o})"))
     return rows
 
 
@@ -363,6 +379,126 @@ def _check_journal(path: Path) -> Row:
     return Row("journal", OK, f"{path}: writable, layout version {layout}, last changed {changed:%Y-%m-%d %H:%M} UTC")
 
 
+# --- the network: the ESB handshake, Knack's usage ------------------------------------------------------------
+
+HANDSHAKE = "ESB TLS handshake"
+
+
+def handshake_row(result: Handshake, now: dt.datetime, warn_days: int = CERT_WARN_DAYS) -> Row:
+    """A handshake the ESB completed: the TLS version and the certificate the ESB presented, with its days left."""
+    accepted = f"{result.where}: {result.tls_version}, ESB_CERT accepted"
+    try:
+        server = x509.load_der_x509_certificate(result.server_certificate)
+    except ValueError:
+        return Row(HANDSHAKE, OK, f"{accepted}; the ESB's certificate could not be read")
+    ends = server.not_valid_after_utc
+    what = f"{accepted}; the ESB's certificate {_common_name(server.subject)} expires on {ends:%Y-%m-%d}"
+    if now >= ends:  # only seen with ESB_VERIFY_TLS=false: verification refuses an expired certificate
+        return Row(HANDSHAKE, WARN, f"{accepted}; the ESB's certificate {_common_name(server.subject)} expired on "
+                                    f"{ends:%Y-%m-%d}: tell the ESB team")
+    days = (ends - now).days
+    if days < warn_days:
+        return Row(HANDSHAKE, WARN, f"{what}, {days} day(s) left: tell the ESB team")
+    return Row(HANDSHAKE, OK, f"{what}, {days} days left")
+
+
+def knack_usage_rows(view: str, waiting: int | None, headers: Mapping[str, str],
+                     wall_clock: Callable[[], float] | None = None) -> list[Row]:
+    """Knack's answer to one read of the records to send: how many wait, and the app's daily calls left."""
+    # The plan headers read as the run's pacer reads them (X-PlanLimit-Reset comes as epoch seconds or as
+    # milliseconds until the reset, depending on whom one believes).
+    pacer = Pacer(wall_clock=wall_clock) if wall_clock is not None else Pacer()
+    pacer.after_answer(200, headers)
+    plan = pacer.plan()
+    if plan.remaining is None:
+        calls = Row("Knack daily calls", SKIP, "Knack's answer carried no X-PlanLimit-Remaining: calls left unknown")
+    else:
+        left = f"{plan.remaining:,}" + (f" of {plan.limit:,}" if plan.limit is not None else "") + " left today"
+        if plan.resets_at is not None:
+            left += f", resets at {dt.datetime.fromtimestamp(plan.resets_at, dt.UTC):%Y-%m-%d %H:%M} UTC"
+        if plan.reserve is not None and plan.remaining < plan.reserve:
+            calls = Row("Knack daily calls", WARN, f"{left}: under {DEFAULT_RESERVE_SHARE:.0%} of the app's daily "
+                                                   "budget, which its other users share")
+        else:
+            calls = Row("Knack daily calls", OK, left)
+    if waiting is None:
+        records = Row("records waiting", WARN, f"Knack's count for view {view} (total_records) is not a number")
+    else:
+        records = Row("records waiting", OK, f"{waiting:,} {READY_TO_SEND} record(s) with an EMI id in view {view}")
+    return [calls, records]
+
+
+class NetworkProbes:
+    """The check's requests to Knack and the ESB, made from loaded settings; none of them changes anything.
+
+    Knack's metadata is fetched once: the usage read needs the scene of the view from it, and is not asked when
+    the metadata could not be read (it would fail the same way, after the same retries).
+    """
+
+    def __init__(self, settings: Settings, *, now: dt.datetime | None = None,
+                 log: Callable[[str], None] | None = None):
+        self._settings = settings
+        self._now = now or dt.datetime.now(dt.UTC)
+        self._knack = KnackClient(settings.knack_api_url, settings.knack_app_id, settings.knack_api_key,
+                                  timeout=settings.esb_timeout, max_rps=settings.knack_max_rps, log=log)
+        self._metadata: object = None
+
+    def close(self) -> None:
+        self._knack.close()
+
+    def fetch_metadata(self) -> object:
+        try:
+            self._metadata = self._knack.app_metadata()
+        except KnackHTTPError:
+            raise  # Knack answered: its answer says what is wrong
+        except OutageError as exc:
+            raise OutageError(f"{exc}: is KNACK_API_URL right, and Knack reachable from here?") from None
+        return self._metadata
+
+    def esb_handshake(self) -> Row:
+        s = self._settings
+        try:
+            result = handshake(s.esb_endpoint, cert=str(s.esb_cert), key=str(s.esb_key),
+                               key_password=s.esb_key_password, verify=s.esb_verify, timeout=s.esb_timeout)
+        except ESBUnreachable as exc:
+            return Row(HANDSHAKE, FAIL, str(exc))
+        return handshake_row(result, self._now)
+
+    def knack_usage(self) -> list[Row]:
+        app = self._settings.app
+        if self._metadata is None:
+            return [Row("Knack usage", SKIP, "not asked: the app metadata could not be read")]
+        application = self._metadata.get("application") if isinstance(self._metadata, dict) else None
+        scene, view = _find_view(application if isinstance(application, dict) else {}, app.view)
+        if view is None or not scene.get("key"):
+            return [Row("Knack usage", SKIP, f"not asked: view {app.view} is not in the app")]
+        waiting, headers = self._knack.ready_count(scene["key"], app.view, app.fields["emi_id"],
+                                                   app.fields["esb_status"])
+        return knack_usage_rows(app.view, waiting, headers)
+
+
+def check_command(app_name: str, env: Mapping[str, str], config: Mapping, *, out: TextIO | None = None,
+                  log: Callable[[str], None] | None = None) -> int:
+    """`send_esb_message.py APP --check`: load the settings as a dry run would (a missing certificate is a row of
+    the table, not an error before it), build the network probes from them, run every check."""
+    try:
+        settings = load_settings(app_name, dict(env), dict(config), dry_run=True)
+    except ConfigError as exc:
+        try:
+            load_app(app_name, dict(config))
+        except ConfigError:
+            error = None  # the config.py entry row says it
+        else:
+            error = str(exc)
+        return run_check(app_name, env, config, settings_error=error, out=out)
+    probes = NetworkProbes(settings, log=log)
+    try:
+        return run_check(app_name, env, config, fetch_metadata=probes.fetch_metadata,
+                         esb_handshake=probes.esb_handshake, knack_usage=probes.knack_usage, out=out)
+    finally:
+        probes.close()
+
+
 # --- the table -----------------------------------------------------------------------------------------------
 
 def render_table(rows: Iterable[Row]) -> str:
@@ -429,10 +565,17 @@ def run_check(app_name: str, env: Mapping[str, str], config: Mapping, *,
         else:
             rows += check_metadata(app, metadata)
 
-    rows += check_client_certificate(_env_path(env, "ESB_CERT", "esb.cert"), _env_path(env, "ESB_KEY", "esb.pem"), now)
+    certificates = check_client_certificate(_env_path(env, "ESB_CERT", "esb.cert"),
+                                            _env_path(env, "ESB_KEY", "esb.pem"), now,
+                                            password=env.get("ESB_KEY_PASSWORD", ""))
     if env.get("ESB_CA_BUNDLE", "").strip():
-        rows.append(check_ca_bundle(_env_path(env, "ESB_CA_BUNDLE", ""), now))
-    rows += _probe("ESB TLS handshake", esb_handshake, "not tried: fix the environment and certificate first")
+        certificates.append(check_ca_bundle(_env_path(env, "ESB_CA_BUNDLE", ""), now))
+    rows += certificates
+    # A handshake with files that already fail would only fail again, less clearly.
+    unusable = [row.item for row in certificates if row.status == FAIL]
+    rows += _probe("ESB TLS handshake", None if unusable else esb_handshake,
+                   f"not tried: fix {' and '.join(unusable)} first" if unusable
+                   else "not tried: fix the environment and certificate first")
 
     state_dir = _env_path(env, "STATE_DIR", "state")
     rows += check_state(state_dir, journal_path(state_dir, app_name), in_container=in_container)

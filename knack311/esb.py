@@ -36,9 +36,12 @@ from __future__ import annotations
 
 import codecs
 import enum
+import errno
 import os
+import socket
 import ssl
 import threading
+import time
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -277,6 +280,104 @@ def tls_context(cert: str, key: str, password: str, verify: bool | str) -> ssl.S
     return context
 
 
+@dataclass(frozen=True)
+class Handshake:
+    """A TLS handshake the ESB completed with our client certificate (esb.handshake)."""
+
+    where: str               # host:port
+    tls_version: str         # "TLSv1.3"
+    server_certificate: bytes  # DER, as the ESB presented it (empty when it sent none)
+
+
+HANDSHAKE_SETTLE = 2.0  # seconds to wait for a TLS 1.3 server's verdict on our certificate
+
+
+def handshake(endpoint: str, *, cert: str, key: str, key_password: str, verify: bool | str, timeout: float,
+              settle: float = HANDSHAKE_SETTLE) -> Handshake:
+    """A TLS handshake with the ESB presenting our client certificate, and no request: the pre-flight's probe.
+
+    With TLS 1.3 the client's side of the handshake is complete before the server has looked at our certificate:
+    its refusal comes as an alert just after. So, having sent nothing, this reads: a server that refuses sends
+    the alert at once; one that accepts sends its session tickets (which OpenSSL servers send only after checking
+    the client's certificate) or nothing until a request. It waits for either at most `settle` seconds.
+
+    Everything within `timeout` (ESB_TIMEOUT). Raises ConfigError when our certificate and key cannot be used,
+    ESBUnreachable when the handshake fails, its message naming ESB_CERT, ESB_CA_BUNDLE or ESB_ENDPOINT as a
+    POST's failure would.
+    """
+    parsed = urlparse(endpoint)
+    try:
+        host, port = parsed.hostname or "", parsed.port or 443
+    except ValueError:
+        raise ConfigError(f"ESB_ENDPOINT {endpoint!r} has a port that is not a number") from None
+    where = f"{host}:{port}"
+    context = tls_context(cert, key, key_password, verify)
+
+    def shake() -> Handshake:
+        started = time.monotonic()
+        try:
+            raw = socket.create_connection((host, port), timeout=min(10.0, timeout))
+        except OSError as exc:
+            raise ESBUnreachable(f"cannot connect to the ESB at {where} ({_socket_reason(exc)}): check ESB_ENDPOINT "
+                                 "and the route to it") from None
+        try:
+            raw.settimeout(timeout)
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                version = tls.version() or "?"
+                if version == "TLSv1.3" and not _await_verdict(
+                        tls, min(settle, max(0.0, timeout - (time.monotonic() - started)))):
+                    raise ESBUnreachable(f"the ESB at {where} closed the connection right after the TLS handshake, "
+                                         f"without a word: it may not accept our client certificate (ESB_CERT {cert})")
+                return Handshake(where, version, tls.getpeercert(binary_form=True) or b"")
+        except ssl.SSLError as exc:
+            detail = _tls_detail(exc, exc)
+            trust_failure = _trust_failure(exc, detail, cert, verify)
+            raise ESBUnreachable(trust_failure or f"TLS handshake with the ESB at {where} failed: {detail} (is "
+                                 "ESB_ENDPOINT the ESB's TLS port?)") from None
+        except OSError as exc:  # reset, or timed out mid-handshake
+            raise ESBUnreachable(f"TLS handshake with the ESB at {where} failed ({_socket_reason(exc)}): is "
+                                 "ESB_ENDPOINT the ESB's TLS port?") from None
+        finally:
+            raw.close()
+
+    try:
+        return Stop(request_timeout=timeout).call(shake, timeout=timeout, what="ESB TLS handshake")
+    except CutShort:
+        raise ESBUnreachable(f"no TLS handshake with the ESB at {where} within {timeout:g}s (ESB_TIMEOUT): check "
+                             "ESB_ENDPOINT and the route to it") from None
+
+
+def _await_verdict(tls: ssl.SSLSocket, wait: float) -> bool:
+    """After a TLS 1.3 handshake: True once the server shows it accepted our certificate, or when `wait` passes
+    without a word from it; False when it hangs up without an alert; ssl.SSLError when it sends one."""
+    deadline = time.monotonic() + wait
+    while (left := deadline - time.monotonic()) > 0:
+        tls.settimeout(min(0.05, left))
+        try:
+            return bool(tls.recv(1))  # a server that speaks first accepted us; b"" is a hang-up
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            return False
+        except (TimeoutError, ssl.SSLWantReadError):
+            session = tls.session
+            if session is not None and session.has_ticket:
+                return True
+    return True
+
+
+def _socket_reason(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return "name not resolved"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return "network unreachable"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    return one_line(exc.strerror or str(exc), 200)
+
+
 # ----- knowing whether the request left -----------------------------------------------------------------------------
 
 class _Abandoned(Exception):
@@ -464,21 +565,17 @@ class ESBClient:
             reason = reason.reason
         tls = _ssl_error(reason)
         if tls is not None or isinstance(exc, requests.exceptions.SSLError):
-            code = (tls.reason or "") if tls is not None else ""
             detail = _tls_detail(tls, reason)
-            if code.endswith(_OUR_CERT_REFUSED):
-                # The ESB refused our certificate. With TLS 1.3 its alert comes after our side of the handshake
-                # finished, i.e. when reading the answer to a request already written; still, a server that
-                # refuses the client certificate fails the handshake in its TLS layer and never hands the request
-                # to its service (even one that asks for the certificate only after reading the request, through
-                # post-handshake authentication, does so in order to decide whether to process it). So the
-                # message was not taken, whenever the alert arrives; and no message will be until ESB_CERT changes.
-                return ESBUnreachable(f"the ESB did not accept our client certificate (ESB_CERT {self._cert}): "
-                                      f"{detail}", lasting=True)
-            if code in _SERVER_CERT_UNVERIFIED:
-                trust = self._verify if isinstance(self._verify, str) else "the system trust store"
-                return ESBUnreachable(f"the ESB's certificate could not be verified (ESB_CA_BUNDLE {trust}): "
-                                      f"{detail}", lasting=True)
+            # The ESB refused our certificate. With TLS 1.3 its alert comes after our side of the handshake
+            # finished, i.e. when reading the answer to a request already written; still, a server that refuses
+            # the client certificate fails the handshake in its TLS layer and never hands the request to its
+            # service (even one that asks for the certificate only after reading the request, through
+            # post-handshake authentication, does so in order to decide whether to process it). So the message
+            # was not taken, whenever the alert arrives; and no message will be until ESB_CERT changes. Nor
+            # while the ESB's certificate cannot be verified.
+            trust_failure = _trust_failure(tls, detail, self._cert, self._verify)
+            if trust_failure is not None:
+                return ESBUnreachable(trust_failure, lasting=True)
             if written:
                 return ESBUncertain(f"the TLS connection to the ESB failed after the message was written ({detail}); "
                                     "it may have the message")
@@ -488,6 +585,17 @@ class ESBClient:
         if written:
             return ESBUncertain(f"no answer from the ESB ({_transport_reason(exc, reason)}); it may have the message")
         return ESBUnreachable(f"cannot connect to the ESB at {self._where} ({_connect_reason(reason)})")
+
+
+def _trust_failure(tls: ssl.SSLError | None, detail: str, cert: str, verify: bool | str) -> str | None:
+    """What a TLS failure says when it is one of trust, naming the setting to fix; None for any other failure."""
+    code = (tls.reason or "") if tls is not None else ""
+    if code.endswith(_OUR_CERT_REFUSED):
+        return f"the ESB did not accept our client certificate (ESB_CERT {cert}): {detail}"
+    if code in _SERVER_CERT_UNVERIFIED:
+        trust = verify if isinstance(verify, str) else "the system trust store"
+        return f"the ESB's certificate could not be verified (ESB_CA_BUNDLE {trust}): {detail}"
+    return None
 
 
 def _ssl_error(reason: object) -> ssl.SSLError | None:

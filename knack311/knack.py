@@ -24,7 +24,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.client import RemoteDisconnected
 from urllib.parse import quote
@@ -242,6 +242,11 @@ class KnackClient:
 
     def _request(self, method: str, path: str, what: str, *, write: bool = False, **kwargs) -> object:
         """One request (with its retries) -> the parsed JSON answer. OutageError for anything else."""
+        return self._exchange(method, path, what, write=write, **kwargs)[0]
+
+    def _exchange(self, method: str, path: str, what: str, *, write: bool = False,
+                  **kwargs) -> tuple[object, Mapping[str, str]]:
+        """One request (with its retries) -> the parsed JSON answer and the answer's headers."""
         stop = self._stop
         if stop.stopped and not write:
             raise self._outage(what, f"not started: {stop.signal_name} received")
@@ -256,20 +261,20 @@ class KnackClient:
         call = _Call(what, self._total, stop.clock)
         url = f"{self._base}{path}"
 
-        def attempt() -> tuple[int, str, str, bytes]:
+        def attempt() -> tuple[int, str, str, bytes, Mapping[str, str]]:
             _current.call = call
             try:
                 # No redirects: a redirect would carry the API key header to wherever it points.
                 reply = self._session.request(method, url, timeout=self._timeout, stream=True,
                                               allow_redirects=False, **kwargs)
                 return reply.status_code, reply.reason or "", reply.headers.get("Location", ""), \
-                    read_capped(reply, MAX_ANSWER_BYTES)
+                    read_capped(reply, MAX_ANSWER_BYTES), reply.headers
             finally:
                 _current.call = None
 
         try:
-            status, reason, location, body = stop.call(attempt, timeout=self._total, what=f"Knack {what}",
-                                                       write=write)
+            status, reason, location, body, headers = stop.call(attempt, timeout=self._total,
+                                                                what=f"Knack {what}", write=write)
         except CutShort as exc:
             call.abandoned.set()
             if exc.by_signal:
@@ -301,7 +306,7 @@ class KnackClient:
                 detail += f"; {call.gave_up}"
             raise KnackHTTPError(status, self._redact(f"Knack {what}: {detail}{_after(call)}"))
         try:
-            return json.loads(body)
+            return json.loads(body), headers
         except RecursionError:
             raise self._outage(what, "answer is JSON nested too deeply to read") from None
         except ValueError:
@@ -311,8 +316,12 @@ class KnackClient:
 
     def app_schema(self, obj: str, view: str) -> AppSchema:
         """Fetch the app metadata once: the scene holding the view, the activity object's field types, timezone."""
+        return _app_schema(self.app_metadata(), obj, view)
+
+    def app_metadata(self) -> object:
+        """The app metadata as Knack answers it (GET /applications/{app_id}), unchecked: one request."""
         try:
-            data = self._request("GET", f"/applications/{_segment(self._app_id)}", "app metadata")
+            return self._request("GET", f"/applications/{_segment(self._app_id)}", "app metadata")
         except KnackHTTPError as exc:
             if exc.status == 404:
                 raise ConfigError(f"{exc} (check KNACK_APP_ID, and that KNACK_API_URL is Knack's API root, such "
@@ -320,7 +329,24 @@ class KnackClient:
             if exc.status in (401, 403):
                 raise ConfigError(f"{exc} (check KNACK_APP_ID)") from None
             raise
-        return _app_schema(data, obj, view)
+
+    def ready_count(self, scene: str, view: str, emi_field: str,
+                    status_field: str) -> tuple[int | None, Mapping[str, str]]:
+        """How many records wait to be sent (Knack's total_records for the filter ready_records uses; None when
+        Knack's count is not a number), and the answer's headers (Knack's rate and daily plan limits): one
+        request for a one-record page."""
+        what = f"view {view} records count"
+        try:
+            data, headers = self._exchange("GET", f"/pages/{_segment(scene)}/views/{_segment(view)}/records", what,
+                                           params={"filters": _ready_filters(emi_field, status_field),
+                                                   "rows_per_page": 1, "page": 1})
+        except KnackHTTPError as exc:
+            if exc.status in (401, 403):
+                raise ConfigError(f"{exc} (check KNACK_API_KEY and KNACK_APP_ID)") from None
+            raise
+        if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+            raise self._outage(what, "reply has no records list")
+        return _count(data.get("total_records")), headers
 
     def ready_records(self, scene: str, view: str, emi_field: str, status_field: str) -> list[dict]:
         """Every READY_TO_SEND record with an EMI id, from all pages.
@@ -335,10 +361,7 @@ class KnackClient:
         badly. Paging past the run's --max-runtime is an OutageError instead: no record could be sent after
         it anyway, and a run that only ever reads must not exit 0.
         """
-        filters = json.dumps({"match": "and", "rules": [
-            {"field": emi_field, "operator": "is not blank"},
-            {"field": status_field, "operator": "is", "value": READY_TO_SEND},
-        ]})
+        filters = _ready_filters(emi_field, status_field)
         records: dict[str, dict] = {}
         page, last_page = 1, MAX_PAGES
         while True:
@@ -490,6 +513,14 @@ def _dicts(value: object, where: str) -> list[dict]:
 
 
 # ----- helpers --------------------------------------------------------------------------------------------------
+
+def _ready_filters(emi_field: str, status_field: str) -> str:
+    """The view filter for the records to send: READY_TO_SEND, with an EMI id."""
+    return json.dumps({"match": "and", "rules": [
+        {"field": emi_field, "operator": "is not blank"},
+        {"field": status_field, "operator": "is", "value": READY_TO_SEND},
+    ]})
+
 
 def _segment(text: str) -> str:
     """A path segment: every reserved character escaped, so that an id like 'recB?x=1' or 'recB#' addresses

@@ -30,11 +30,14 @@ from knack311.check import (
     check_metadata,
     check_state,
     exit_code,
+    handshake_row,
     journal_path,
+    knack_usage_rows,
     render_table,
     run_check,
 )
 from knack311.errors import ConfigError, OutageError
+from knack311.esb import Handshake
 from knack311.journal import DELIVERED, Journal
 from knack311.settings import load_app
 from simulators.activities import app_metadata
@@ -479,3 +482,80 @@ def test_run_check_with_nothing_set_skips_the_network_and_still_prints_everythin
     assert found["Knack app metadata"] == found["ESB TLS handshake"] == found["Knack usage"] == SKIP
     assert found["config.py entry"] == OK
     assert out.getvalue().splitlines()[-1].endswith("not ready: fix the FAIL rows")
+
+
+def test_run_check_does_not_try_the_handshake_with_certificate_files_that_fail(ready_env, tmp_path):
+    tried = []
+    out = io.StringIO()
+    code = run_check("data-tracker", {**ready_env, "ESB_KEY": str(tmp_path / "missing.pem")}, CONFIG,
+                     esb_handshake=lambda: tried.append(1) or Row("ESB TLS handshake", OK, ""), in_container=False,
+                     out=out)
+    assert code == 2 and tried == []
+    assert "not tried: fix ESB_KEY first" in out.getvalue()
+
+
+def test_an_esb_endpoint_with_a_port_that_is_not_a_number_fails():
+    row = rows_by_item(check_environment({"ESB_ENDPOINT": "https://esb.example:84x3/ws"}))["ESB_ENDPOINT"]
+    assert row == Row("ESB_ENDPOINT", FAIL, "the port is not a number from 1 to 65535")
+
+
+@pytest.mark.parametrize("password,status,says", [
+    ("passphrase", OK, "matches ESB_CERT (encrypted, mode 0600)"),
+    ("wrong", FAIL, "is encrypted and ESB_KEY_PASSWORD does not decrypt it"),
+    ("", FAIL, "is encrypted and ESB_KEY_PASSWORD is not set"),
+])
+def test_an_encrypted_key_is_checked_with_esb_key_password(ca, tmp_path, password, status, says):
+    leaf = ca.issue_cert("c", common_name="c")
+    cert, key = write_pair(tmp_path, leaf)
+    private = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.BestAvailableEncryption(b"passphrase")))
+    row = rows_by_item(check_client_certificate(cert, key, NOW, password=password))["ESB_KEY"]
+    assert row.status == status and says in row.detail
+    if password:
+        assert password not in row.detail
+
+
+# --- the network rows --------------------------------------------------------------------------------------------
+
+def handshake_with(ca, not_after: dt.datetime) -> Handshake:
+    leaf = ca.issue_cert("esb.test", common_name="esb.test", not_after=not_after)
+    der = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()).public_bytes(serialization.Encoding.DER)
+    return Handshake("esb.example:443", "TLSv1.3", der)
+
+
+def test_a_handshake_row_names_the_version_and_the_esbs_certificate(ca):
+    row = handshake_row(handshake_with(ca, NOW + dt.timedelta(days=200, hours=1)), NOW)
+    assert row == Row("ESB TLS handshake", OK, "esb.example:443: TLSv1.3, ESB_CERT accepted; the ESB's certificate "
+                                               "CN=esb.test expires on 2027-06-15, 200 days left")
+
+
+def test_a_handshake_with_an_esb_certificate_near_its_end_warns(ca):
+    assert handshake_row(handshake_with(ca, NOW + dt.timedelta(days=9, hours=1)), NOW).status == WARN
+    expired = handshake_row(handshake_with(ca, NOW - dt.timedelta(days=1)), NOW)  # with ESB_VERIFY_TLS=false
+    assert expired.status == WARN and "expired on 2026-11-26" in expired.detail
+    unreadable = handshake_row(Handshake("esb.example:443", "TLSv1.2", b""), NOW)
+    assert unreadable.status == OK and "could not be read" in unreadable.detail
+
+
+WALL = NOW.timestamp()
+
+
+@pytest.mark.parametrize("headers,status,detail", [
+    ({"X-PlanLimit-Limit": "25000", "X-PlanLimit-Remaining": "24310", "X-PlanLimit-Reset": str(int(WALL) + 21600)},
+     OK, "24,310 of 25,000 left today, resets at 2026-11-28 00:00 UTC"),
+    # the reset as real apps send it: milliseconds until it
+    ({"x-planlimit-limit": "1000", "x-planlimit-remaining": "99", "x-planlimit-reset": "21600000"},
+     WARN, "99 of 1,000 left today, resets at 2026-11-28 00:00 UTC: under 10% of the app's daily budget"),
+    ({"X-PlanLimit-Limit": "1000", "X-PlanLimit-Remaining": "100"}, OK, "100 of 1,000 left today"),
+    ({}, SKIP, "Knack's answer carried no X-PlanLimit-Remaining: calls left unknown"),
+], ids=["plenty", "under-10-percent", "at-10-percent", "no-headers"])
+def test_knack_usage_rows(headers, status, detail):
+    calls, waiting = knack_usage_rows("view_1653", 3, headers, wall_clock=lambda: WALL)
+    assert calls.item == "Knack daily calls" and calls.status == status and calls.detail.startswith(detail)
+    assert waiting == Row("records waiting", OK, "3 READY_TO_SEND record(s) with an EMI id in view view_1653")
+
+
+def test_a_record_count_that_is_not_a_number_warns():
+    _, waiting = knack_usage_rows("view_1653", None, {}, wall_clock=lambda: WALL)
+    assert waiting.status == WARN and "total_records" in waiting.detail

@@ -5,6 +5,7 @@ behaviour through the real command are in test_esb_failures.py)."""
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 
@@ -13,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from config import CONFIG
 from knack311.errors import ConfigError
-from knack311.esb import ESBClient, ESBUncertain, ESBUnreachable, _Abandoned, _WriteGate, tls_context
+from knack311.esb import ESBClient, ESBUncertain, ESBUnreachable, _Abandoned, _WriteGate, handshake, tls_context
 from knack311.settings import load_settings
 from knack311.stopping import WRITE_GRACE, Stop
 from simulators.certs import CLIENT_NAME
@@ -194,3 +195,91 @@ def test_no_retry_starts_past_the_runs_deadline(esb, pki):
         client(esb.url, pki, stop=stop, backoff=10).deliver(message())
     assert time.monotonic() - started < 2
     assert len(esb.received) == 2
+
+
+# ----- the pre-flight's handshake (no request) --------------------------------------------------------------------
+
+def shake(url: str, pki, **kwargs):
+    options = dict(cert=str(pki.client_cert), key=str(pki.client_key), key_password="", verify=str(pki.ca_bundle),
+                   timeout=5)
+    options.update(kwargs)
+    return handshake(url, **options)
+
+
+class QuietTLSServer:
+    """A TLS 1.3 server that takes any client, sends no session ticket, then either says nothing or hangs up
+    without an alert: what the pre-flight cannot learn from tickets."""
+
+    def __init__(self, pki, *, hang_up: bool):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pki.server_cert, pki.server_key)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.num_tickets = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self.listener.getsockname()[1]}/submitKnack"
+        self.read: list[bytes] = []
+        self._held = []
+
+        def serve() -> None:
+            conn, _ = self.listener.accept()
+            with context.wrap_socket(conn, server_side=True) as tls:
+                if hang_up:
+                    socket.socket.shutdown(tls, socket.SHUT_RDWR)  # no close_notify, no alert
+                    return
+                tls.settimeout(3)
+                try:
+                    self.read.append(tls.recv(1))
+                except OSError:
+                    pass
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.thread.join(5)
+        self.listener.close()
+
+
+def test_the_handshake_probe_takes_silence_after_tls13_as_acceptance_after_the_settle_time(pki):
+    server = QuietTLSServer(pki, hang_up=False)
+    try:
+        started = time.monotonic()
+        result = shake(server.url, pki, settle=0.3)
+        assert time.monotonic() - started >= 0.3
+        assert result.tls_version == "TLSv1.3" and result.server_certificate
+    finally:
+        server.close()
+    assert not any(server.read)  # the probe wrote nothing before it closed
+
+
+def test_the_handshake_probe_takes_a_hang_up_after_tls13_for_a_refused_certificate(pki):
+    server = QuietTLSServer(pki, hang_up=True)
+    try:
+        with pytest.raises(ESBUnreachable, match=r"closed the connection right after the TLS handshake.*ESB_CERT"):
+            shake(server.url, pki)
+    finally:
+        server.close()
+
+
+def test_the_handshake_probe_is_bounded_by_the_timeout(pki):
+    # TCP accepted, TLS never spoken
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        held = []
+        threading.Thread(target=lambda: held.append(listener.accept()), daemon=True).start()
+        started = time.monotonic()
+        with pytest.raises(ESBUnreachable, match="ESB_ENDPOINT"):
+            shake(f"https://127.0.0.1:{listener.getsockname()[1]}/submitKnack", pki, timeout=1)
+        assert time.monotonic() - started < 3
+        for conn, _ in held:
+            conn.close()
+
+
+def test_the_handshake_probe_and_a_post_name_a_refused_certificate_alike(esb, pki):
+    with pytest.raises(ESBUnreachable) as probe:
+        shake(esb.url, pki, cert=str(pki.rogue_client_cert), key=str(pki.rogue_client_key))
+    with pytest.raises(ESBUnreachable) as post:
+        client(esb.url, pki, cert=str(pki.rogue_client_cert), key=str(pki.rogue_client_key)).deliver(message())
+    assert str(probe.value) == str(post.value)
+    assert str(probe.value).startswith(
+        f"the ESB did not accept our client certificate (ESB_CERT {pki.rogue_client_cert})")
+    assert len(esb.received) == 0

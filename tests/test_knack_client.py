@@ -392,3 +392,41 @@ def test_a_short_key_or_app_id_is_not_redacted_letter_by_letter(knack):
         client.close()
     message = str(refused.value)
     assert "[KNACK_" not in message and "records" in message and "Knack" in message, message
+
+
+# ----- what the pre-flight asks -----------------------------------------------------------------------------------
+
+def test_app_metadata_is_the_answer_as_knack_gives_it_in_one_request(knack, client):
+    metadata = _metadata()
+    metadata["application"]["extra"] = {"kept": True}  # unchecked: nothing is taken out or added
+    knack.set_metadata(metadata)
+    assert client().app_metadata() == metadata
+    assert [r.path for r in knack.request_log] == [f"/v1/applications/{APP_ID}"]
+
+
+def test_app_metadata_404_is_a_config_error_as_for_the_schema(knack, client):
+    with pytest.raises(ConfigError, match="KNACK_APP_ID"):
+        client(knack.url.replace("/v1", "/v2")).app_metadata()
+
+
+def test_ready_count_reads_one_record_with_the_runs_filter_and_returns_knacks_headers(knack, seed, client):
+    knack.plan_limit, knack.plan_used = 1000, 100
+    seed(3)
+    seed(2, esb_status="SENT")
+    seed(1, emi_id="")
+    c = client()
+
+    waiting, headers = c.ready_count("scene_1", VIEW, EMI, STATUS)
+
+    assert waiting == 3 == len(ready(c))  # the records a run would send
+    assert headers["X-PlanLimit-Limit"] == "1000"
+    assert headers["x-planlimit-remaining"] == "899"  # as Knack spells it or not
+    first = knack.request_log[0]
+    assert first.query["rows_per_page"] == "1" and first.query["page"] == "1"
+    assert first.query["filters"] == knack.request_log[1].query["filters"]  # ready_records' own
+
+
+def test_ready_count_refused_names_the_key_and_app_id(knack):
+    wrong = KnackClient(knack.url, APP_ID, "not-the-key", timeout=2, max_rps=50)
+    with pytest.raises(ConfigError, match=r"HTTP 401.*KNACK_API_KEY and KNACK_APP_ID"):
+        wrong.ready_count("scene_1", VIEW, EMI, STATUS)
