@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Send Knack 311 activity records to the city's Enterprise Service Bus (ESB).
 
-    python send_esb_message.py APP_NAME [--dry-run] [--max-runtime SECONDS] [--log-format text|json] [--progress]
+    python send_esb_message.py APP_NAME [--dry-run] [--max-runtime SECONDS] [--workers N] [--log-format text|json]
+                               [--progress]
     python send_esb_message.py APP_NAME --report
     python send_esb_message.py APP_NAME --check
 
@@ -29,7 +30,14 @@ from knack311.journal_report import report  # noqa: E402
 from knack311.logs import LOG_FORMATS, log_format_setting, progress_setting  # noqa: E402
 from knack311.metrics import metrics_path  # noqa: E402
 from knack311.run import EXIT_CONFIG, Reporting, run  # noqa: E402
-from knack311.settings import DEFAULT_MAX_RUNTIME, PROJECT_ROOT, load_app, load_settings  # noqa: E402
+from knack311.settings import (  # noqa: E402
+    DEFAULT_MAX_RUNTIME,
+    DEFAULT_WORKERS,
+    MAX_WORKERS,
+    PROJECT_ROOT,
+    load_app,
+    load_settings,
+)
 
 
 def seconds(text: str) -> float:
@@ -41,6 +49,13 @@ def seconds(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, not {text!r}")
     return value
+
+
+def workers(text: str) -> int:
+    """--workers: a whole number from 1 to MAX_WORKERS."""
+    if not (text.isascii() and text.strip().isdigit()) or not 1 <= int(text) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_WORKERS}, not {text!r}")
+    return int(text)
 
 
 def reporting(args: argparse.Namespace, env: dict[str, str], app: str) -> Reporting:
@@ -69,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                            "waiting; sends no message and changes nothing. Exit 0 when nothing FAILs, else 2")
     parser.add_argument("--max-runtime", type=seconds, default=DEFAULT_MAX_RUNTIME, metavar="SECONDS",
                         help=f"start no new record after this many seconds (default {DEFAULT_MAX_RUNTIME:g})")
+    parser.add_argument("--workers", type=workers, default=DEFAULT_WORKERS, metavar="N",
+                        help=f"records delivered at once, each service request's activities still one after another "
+                             f"in order (default {DEFAULT_WORKERS}; 1 sends one record at a time)")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default=None,
                         help="text (default) or json: one JSON object per line (or LOG_FORMAT=json)")
     parser.add_argument("--progress", action="store_true",
@@ -89,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             return check_command(args.app_name, env, CONFIG,
                                  log=lambda line: print(line, file=sys.stderr, flush=True))
-        settings = load_settings(args.app_name, env, CONFIG, dry_run=args.dry_run, max_runtime=args.max_runtime)
+        settings = load_settings(args.app_name, env, CONFIG, dry_run=args.dry_run, max_runtime=args.max_runtime,
+                                 workers=args.workers)
         return run(settings, reporting=reporting(args, env, settings.app.name))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr, flush=True)

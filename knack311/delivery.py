@@ -2,13 +2,15 @@
 
 Each journal state is committed before the next network step, so a run killed at any point leaves an exact
 account for the next run (see journal.py). The unit has one outcome, a `Result`; it knows nothing of order,
-holds or budgets (run.py and schedule.py do), so it can run in a pool of workers.
+holds or budgets (run.py and schedule.py do), so it can run in a pool of workers. `ESBSlots` bounds the ESB
+POSTs in flight across those workers.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import enum
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
@@ -23,7 +25,7 @@ from .outcomes import DO_NOT_SEND as DO_NOT_SEND_EVENT
 from .outcomes import ERROR, INFO, WARNING
 from .outcomes import SENT as SENT_EVENT
 from .settings import Settings
-from .stopping import Stop
+from .stopping import POLL, Stop
 
 
 class Outcome(enum.Enum):
@@ -32,6 +34,7 @@ class Outcome(enum.Enum):
     FAILED = "failed"          # left READY_TO_SEND for a later run
     UNMARKED = "unmarked"      # ESB has it (or 311 does not want it), Knack's status update failed
     RENDERED = "rendered"      # dry run
+    NOT_STARTED = "not_started"  # the run began stopping before this record's POST could start: nothing done
 
 
 class ESBTrouble(enum.Enum):
@@ -57,13 +60,44 @@ def when(timestamp: float) -> str:
 Emit = Callable[..., None]  # outcomes.Readers.emit
 
 
+class ESBSlots:
+    """At most `size` ESB POSTs in flight at once, whatever the number of workers (ESB_MAX_IN_FLIGHT).
+
+    A worker waiting for a slot gives up once the run starts no new record (a stop signal, the time budget, or
+    `close()` on an outage): a POST that has not begun must not begin then.
+    """
+
+    def __init__(self, size: int, stop: Stop):
+        self._slots = threading.BoundedSemaphore(size)
+        self._stop = stop
+        self._closed = threading.Event()
+
+    def take(self) -> bool:
+        """Wait for a slot; False (and no slot) when the run stopped starting records meanwhile."""
+        while not self._closed.is_set() and self._stop.work_time_left():
+            if self._slots.acquire(timeout=POLL):
+                if self._closed.is_set() or not self._stop.work_time_left():
+                    self._slots.release()
+                    return False
+                return True
+        return False
+
+    def give_back(self) -> None:
+        self._slots.release()
+
+    def close(self) -> None:
+        """No new POST from now on (the run is stopping)."""
+        self._closed.set()
+
+
 class RecordSender:
     """Render, deliver and mark one record, with the journal keeping every step durable. Thread-safe as long as
     the journal is (it serialises its own writes)."""
 
     def __init__(self, settings: Settings, knack: KnackClient, esb: ESBClient | None, journal: Journal | None,
-                 tz: ZoneInfo, emit: Emit, out: TextIO, stop: Stop):
+                 tz: ZoneInfo, emit: Emit, out: TextIO, stop: Stop, esb_slots: ESBSlots | None = None):
         self.settings = settings
+        self.esb_slots = esb_slots
         self.knack = knack
         self.esb = esb
         self.journal = journal
@@ -115,22 +149,24 @@ class RecordSender:
         record_id = activity.record_id
         digest = message_hash(body)
         entry = self.journal.get(record_id)
-        if entry is not None and entry.state == DELIVERED:
-            if entry.message_hash in ("", digest):
-                self.emit("already_delivered", "ESB already accepted this message in an earlier run: setting SENT "
-                          "without resending", record=activity)
-                return self.mark(activity, SENT, esb_has_it=True)
-            self.emit("corrected_resend", f"the record changed since the ESB accepted its message "
-                      f"({when(entry.updated)}): sending the corrected message", record=activity)
-        elif entry is not None and entry.state == SENDING:
-            if entry.note:
-                why = f"the answer to an earlier post never came ({entry.note}; {when(entry.updated)})"
-            else:
-                why = f"an earlier run died while posting this message ({when(entry.updated)})"
-            self.emit("resend_in_doubt", f"{why}: sending again, 311 may receive it twice", level=WARNING,
-                      record=activity)
-        self.journal.set(record_id, SENDING, activity.emi_id, digest)
+        if entry is not None and entry.state == DELIVERED and entry.message_hash in ("", digest):
+            self.emit("already_delivered", "ESB already accepted this message in an earlier run: setting SENT "
+                      "without resending", record=activity)
+            return self.mark(activity, SENT, esb_has_it=True)
+        if self.esb_slots is not None and not self.esb_slots.take():
+            return Result(Outcome.NOT_STARTED)
         try:
+            if entry is not None and entry.state == DELIVERED:
+                self.emit("corrected_resend", f"the record changed since the ESB accepted its message "
+                          f"({when(entry.updated)}): sending the corrected message", record=activity)
+            elif entry is not None and entry.state == SENDING:
+                if entry.note:
+                    why = f"the answer to an earlier post never came ({entry.note}; {when(entry.updated)})"
+                else:
+                    why = f"an earlier run died while posting this message ({when(entry.updated)})"
+                self.emit("resend_in_doubt", f"{why}: sending again, 311 may receive it twice", level=WARNING,
+                          record=activity)
+            self.journal.set(record_id, SENDING, activity.emi_id, digest)
             delivery = self.esb.deliver(body)
         except RecordError as exc:
             self.journal.forget(record_id)  # rejected: the ESB does not have it
@@ -144,6 +180,9 @@ class RecordSender:
         except ESBUnreachable as exc:
             self.journal.forget(record_id)  # never reached the ESB
             return Result(Outcome.FAILED, str(exc), esb=ESBTrouble.UNREACHABLE, esb_lasting=exc.lasting)
+        finally:
+            if self.esb_slots is not None:
+                self.esb_slots.give_back()  # the POST is over; the Knack update does not hold an ESB slot
         accepted = f"delivered to ESB (HTTP {delivery.status}, attempt {delivery.attempts})"
         try:
             self.journal.set(record_id, DELIVERED)

@@ -8,6 +8,9 @@ without resending (unless the record changed since: then the corrected message g
 Besides the deliveries, the journal keeps what an operator needs to know later (`--report`): the records that
 keep failing (since when, in how many runs, why) and the last runs (start, end, counts, exit code).
 
+The run's delivery workers share one Journal: one connection, and a lock around every statement (and around the
+statements that belong together), so each state change is committed before its worker's next network step.
+
 The table layout is versioned with SQLite's `PRAGMA user_version`. A journal of the layout that first shipped
 (version 0: `deliveries` without `note`) is upgraded in place; any other layout is refused when the journal is
 opened, before Knack or the ESB is contacted, because reading it wrongly could resend or drop messages.
@@ -20,6 +23,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,9 +116,11 @@ class Journal:
         self.path = path
         self.failure = ""  # the first write failure of this run, once there was one
         self._db: sqlite3.Connection | None = None
+        self._lock = threading.RLock()
         try:
             _owner_only_file(path)
-            self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10)
+            # used from the delivery workers' threads, one statement at a time under self._lock
+            self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a commit survives a machine restart
             self._db.execute("BEGIN IMMEDIATE")  # the layout check and the upgrade see a journal no one else changes
@@ -140,27 +146,40 @@ class Journal:
             raise
 
     def close(self) -> None:
-        if self._db is not None:
-            try:
-                self._db.close()
-            except sqlite3.Error:
-                pass  # a journal that failed mid-run may fail its last checkpoint too; the WAL keeps the commits
-            self._db = None
+        with self._lock:
+            if self._db is not None:
+                try:
+                    self._db.close()
+                except sqlite3.Error:
+                    pass  # a journal that failed mid-run may fail its last checkpoint too; the WAL keeps the commits
+                self._db = None
 
     def _execute(self, sql: str, parameters=()) -> sqlite3.Cursor:
-        try:
-            return self._db.execute(sql, parameters)
-        except sqlite3.Error as exc:
-            message = (f"delivery journal {self.path} cannot be written ({exc}); stopping before anything else "
-                       "is sent")
-            self.failure = self.failure or message
-            raise JournalError(message) from None
+        """One statement (committed when it returns); the caller holds self._lock while it reads the cursor."""
+        with self._lock:
+            try:
+                return self._db.execute(sql, parameters)
+            except sqlite3.Error as exc:
+                raise self._failed(exc) from None
+
+    def _rows(self, sql: str, parameters=()) -> list[tuple]:
+        with self._lock:
+            cursor = self._execute(sql, parameters)
+            try:
+                return cursor.fetchall()
+            except sqlite3.Error as exc:
+                raise self._failed(exc) from None
+
+    def _failed(self, exc: sqlite3.Error) -> JournalError:
+        message = f"delivery journal {self.path} cannot be written ({exc}); stopping before anything else is sent"
+        self.failure = self.failure or message
+        return JournalError(message)
 
     # -- deliveries ------------------------------------------------------------------------------------------
     def get(self, record_id: str) -> Entry | None:
-        row = self._execute("SELECT record_id, state, emi, message_hash, updated, note FROM deliveries "
-                            "WHERE record_id = ?", (record_id,)).fetchone()
-        return Entry(*row) if row else None
+        rows = self._rows("SELECT record_id, state, emi, message_hash, updated, note FROM deliveries "
+                          "WHERE record_id = ?", (record_id,))
+        return Entry(*rows[0]) if rows else None
 
     def set(self, record_id: str, state: str, emi: str = "", message_hash: str = "", note: str = "") -> None:
         """Record a state change, committed (and synced) when this returns. A state change clears the note."""
@@ -183,17 +202,21 @@ class Journal:
         but a record can also drop out of one listing without being SENT (a staff edit shifting the pages, a
         view answering without its filter): the caller confirms each with Knack before closing it.
         """
-        rows = self._execute("SELECT record_id, state, emi, message_hash, updated, note FROM deliveries "
-                             "WHERE state IN (?, ?) ORDER BY updated", (DELIVERED, SENDING)).fetchall()
+        rows = self._rows("SELECT record_id, state, emi, message_hash, updated, note FROM deliveries "
+                          "WHERE state IN (?, ?) ORDER BY updated", (DELIVERED, SENDING))
         return [Entry(*row) for row in rows if row[0] not in ready_ids]
 
     def counts(self) -> dict[str, int]:
-        return dict(self._execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall())
+        return dict(self._rows("SELECT state, COUNT(*) FROM deliveries GROUP BY state"))
 
     # -- failures --------------------------------------------------------------------------------------------
     def record_failure(self, record_id: str, sr_number: str, reason: str, run_id: int) -> Failure:
         """Note that the record failed in this run (counted once per run); returns its history."""
         now = time.time()
+        with self._lock:  # the history read back is this write's
+            return self._record_failure(record_id, sr_number, reason, run_id, now)
+
+    def _record_failure(self, record_id: str, sr_number: str, reason: str, run_id: int, now: float) -> Failure:
         self._execute(
             """INSERT INTO failures (record_id, sr_number, first_failed, last_failed, runs, last_run, last_reason)
                VALUES (?, ?, ?, ?, 1, ?, ?)
@@ -202,8 +225,8 @@ class Journal:
                  runs = runs + (CASE WHEN last_run = excluded.last_run THEN 0 ELSE 1 END),
                  last_run = excluded.last_run""",
             (record_id, sr_number, now, now, run_id, reason))
-        row = self._execute("SELECT record_id, sr_number, first_failed, last_failed, runs, last_reason "
-                            "FROM failures WHERE record_id = ?", (record_id,)).fetchone()
+        [row] = self._rows("SELECT record_id, sr_number, first_failed, last_failed, runs, last_reason "
+                           "FROM failures WHERE record_id = ?", (record_id,))
         return Failure(*row)
 
     def clear_failure(self, record_id: str) -> None:
@@ -211,21 +234,21 @@ class Journal:
 
     def clear_failures_except(self, ready_ids: set[str]) -> None:
         """Forget the failures of records no longer ready to send: someone dealt with them in Knack."""
-        rows = self._execute("SELECT record_id FROM failures").fetchall()
+        rows = self._rows("SELECT record_id FROM failures")
         for (record_id,) in rows:
             if record_id not in ready_ids:
                 self.clear_failure(record_id)
 
     def failures(self) -> list[Failure]:
-        return [Failure(*row) for row in self._execute(
+        return [Failure(*row) for row in self._rows(
             "SELECT record_id, sr_number, first_failed, last_failed, runs, last_reason FROM failures "
-            "ORDER BY first_failed").fetchall()]
+            "ORDER BY first_failed")]
 
     # -- runs ------------------------------------------------------------------------------------------------
     def start_run(self) -> int:
         """A row for this run, written at its start: a run that is killed leaves a row without an end."""
-        cursor = self._execute("INSERT INTO runs (started) VALUES (?)", (time.time(),))
-        run_id = int(cursor.lastrowid)
+        with self._lock:  # lastrowid is this insert's
+            run_id = int(self._execute("INSERT INTO runs (started) VALUES (?)", (time.time(),)).lastrowid)
         self._execute("DELETE FROM runs WHERE run_id <= ? OR started < ?",
                       (run_id - KEEP_RUNS, time.time() - KEEP_DONE_SECONDS))
         return run_id

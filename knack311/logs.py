@@ -259,6 +259,7 @@ class ProgressBar(Reader):
         self._file = file
         self._bar = None
         self._redirect = contextlib.ExitStack()
+        self._lock = threading.Lock()  # the delivery workers report their records' outcomes from their threads
 
     def planned(self, total: int) -> None:
         from tqdm import tqdm
@@ -270,17 +271,20 @@ class ProgressBar(Reader):
             self._redirect.enter_context(logging_redirect_tqdm(loggers=[self._log.logger]))
 
     def event(self, event: Event) -> None:
-        if self._bar is not None and event.name in RECORD_OUTCOMES:
-            self._bar.update(1)
+        if event.name in RECORD_OUTCOMES:
+            with self._lock:
+                if self._bar is not None:
+                    self._bar.update(1)
 
     def finished(self, report: RunReport) -> None:
         self.close()
 
     def close(self) -> None:
         self._redirect.close()
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
 
 
 def progress_reader(bar: bool, log: EventLog, *, interval: float = PROGRESS_INTERVAL) -> Reader:

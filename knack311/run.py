@@ -1,23 +1,27 @@
 """One run: plan, deliver in order, report.
 
 settings -> Knack metadata -> ready records -> each record through `delivery.RecordSender` -> summary.
-`SendLoop` keeps 311's order (ascending atd_activity_id; a failed activity holds back the later ones of its
-service request), the time budget, the stop signal, the stop on an outage, and the counts. Everything the run
-has to say goes to one `outcomes.Readers`: the log (text or JSON), progress, the metrics file and the
-healthcheck pings all read the same events and the same final `RunReport`.
+`SendLoop` delivers with a bounded pool of workers (--workers), and `schedule.Scheduler` decides which records
+may start: different service requests in parallel, the activities of one strictly one after another in
+ascending atd_activity_id order, a failed activity holding back the later ones of its service request. The main
+thread owns the scheduler, the counts, the time budget, the stop signal and the stop on an outage; the workers
+only deliver. Everything the run has to say goes to one `outcomes.Readers`: the log (text or JSON), progress,
+the metrics file and the healthcheck pings all read the same events and the same final `RunReport`.
 """
 
 from __future__ import annotations
 
+import heapq
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
-from .delivery import ESBTrouble, Outcome, RecordSender, Result, when
+from .delivery import ESBSlots, ESBTrouble, Outcome, RecordSender, Result, when
 from .errors import ConfigError, OutageError, RecordError
 from .esb import ESBClient
 from .fields import activity_from_record, format_value, resolve_timezone
@@ -42,14 +46,16 @@ from .outcomes import (
     Readers,
     RunReport,
 )
+from .schedule import Held, HeldReason, ScheduledRecord, Scheduler
 from .settings import Settings
-from .stopping import Stop
+from .stopping import POLL, Stop
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_LOCKED", "EXIT_OK", "Reporting", "run"]
 
 ESB_OUTAGE_AFTER = 3    # records in a row that could not reach the ESB (or got no answer): stop, do not wait out each
 KNACK_OUTAGE_AFTER = 3  # status updates in a row that failed: Knack is down
 REQUIRED_VALUES = ("atd_activity_id", "emi_id", "sr_number")  # 311 cannot place a message without them
+WRAP_UP = 1.0  # seconds kept, after a stop signal, for the summary and the journal's run row
 COUNTS = COUNT_NAMES[1:]
 
 
@@ -250,8 +256,10 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
         _close_confirmed(journal, knack, settings, ready_ids, emit, stop)
         journal.clear_failures_except(ready_ids)
 
-    sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop)
-    SendLoop(settings, sender, journal, emit, summary, stop, run_id, schema.field_types, tz).run(ready)
+    slots = ESBSlots(settings.esb_in_flight, stop) if esb is not None else None
+    sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_slots=slots)
+    SendLoop(settings, sender, journal, emit, summary, stop, run_id, schema.field_types, tz,
+             esb_slots=slots).run(ready)
 
 
 def _close_confirmed(journal: Journal, knack: KnackClient, settings: Settings, ready_ids: set[str], emit,
@@ -285,12 +293,41 @@ def _close_confirmed(journal: Journal, knack: KnackClient, settings: Settings, r
         emit("journal_closed", f"{closed} journal entr{'y' if closed == 1 else 'ies'} closed: Knack confirms {SENT}")
 
 
+@dataclass(frozen=True)
+class _Planned:
+    """A record checked and rendered in the main thread, ready for a worker."""
+
+    activity: Activity
+    for_311: bool       # False: 311 does not want the activity (set DO_NOT_SEND)
+    position: int       # in 311's order over the whole run: among the records free to start, the earliest goes first
+    body: bytes | None = None  # kept for a dry run only: a delivery renders its message again when it starts
+
+
+class _InPlace:
+    """Runs each record at once in the calling thread: a dry run sends nothing, and its printed messages must not
+    interleave."""
+
+    def submit(self, fn: Callable[..., Result], *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # handed to the loop, as a pool would
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
 class SendLoop:
-    """The ready records in 311's order: holds, the stop rules, the counts and each record's failure history."""
+    """The ready records in 311's order, N at a time: holds, the stop rules, the counts and each record's failure
+    history. Only the main thread runs this class's methods, except `_one`, which the workers run."""
 
     def __init__(self, settings: Settings, sender: RecordSender, journal: Journal | None, emit, summary: Summary,
-                 stop: Stop, run_id: int | None, field_types: dict[str, str], tz: ZoneInfo):
+                 stop: Stop, run_id: int | None, field_types: dict[str, str], tz: ZoneInfo,
+                 esb_slots: ESBSlots | None = None):
         self.settings = settings
+        self.workers = settings.workers
         self.sender = sender
         self.journal = journal
         self.emit = emit
@@ -299,66 +336,149 @@ class SendLoop:
         self.run_id = run_id
         self.field_types = field_types
         self.tz = tz
-        self.failed_srs: set[str] = set()
+        self.esb_slots = esb_slots
         self.unmarked: list[tuple[Activity, Result]] = []
         self.unreachable_streak = self.no_answer_streak = self.knack_down_streak = 0
 
     def run(self, records: list[dict]) -> None:
-        for index, record in enumerate(records):
-            if self._stopping(len(records) - index):
-                break
-            self._one(record)
+        scheduler = Scheduler()
+        for position, record in enumerate(records):
+            self._plan(scheduler, position, record)
+        scheduler.listed_all()  # every ready record was read before the first status changes
+        self._leave(self._deliver(scheduler))
         self._retry_unmarked()
 
-    def _stopping(self, left: int) -> bool:
-        summary = self.summary
-        if self.stop.stopped:
-            summary.not_attempted += left
-            self.emit("stopping", f"{self.stop.signal_name} received: {left} record(s) left for the next run",
-                      level=WARNING)
-        elif summary.stop_reason:
-            summary.not_attempted += left
-        elif not self.stop.work_time_left():
-            summary.deferred += left
-            self.emit("deferred", f"time budget of {self.settings.max_runtime:g}s used: {left} record(s) deferred "
-                      "to the next run")
-        else:
-            return False
-        return True
-
-    def _one(self, record: dict) -> None:
+    def _plan(self, scheduler: Scheduler, position: int, record: dict) -> None:
+        """Read, check and render one record; one that cannot go is reported now and still holds its SR's later
+        activities (the scheduler holds them once its turn comes)."""
         app = self.settings.app
         record_id = str(record.get("id", ""))
+        key = _order_key(record, app.fields["atd_activity_id"])
         try:
             activity = activity_from_record(record, app.fields, self.field_types, self.tz)
         except RecordError as exc:
             sr = _field_text(record, app.fields["sr_number"], self.field_types, self.tz) or ""
             self._fail(f"{exc}: correct the record in Knack", record_id, sr)
+            scheduler.add(record_id, sr, key, failed=True)
             return
         blank = [f"{name} ({app.fields[name]})" for name in REQUIRED_VALUES if not getattr(activity, name)]
         if blank:
             self._fail(f"required value blank: {', '.join(blank)}: fill it in in Knack; the next run sends the "
                        "record", record_id, activity.sr_number, activity)
+            scheduler.add(record_id, activity.sr_number, key, failed=True)
             return
         try:
             body = self.sender.render(activity)
         except RecordError as exc:
             self._fail(str(exc), record_id, activity.sr_number, activity)
+            scheduler.add(record_id, activity.sr_number, key, failed=True)
             return
         try:
-            if activity.sr_number in self.failed_srs and not self.sender.unchanged_delivery(activity, body):
-                self.summary.held += 1
-                self.summary.held_ids.append(record_id)
-                self.emit(HELD, "an earlier activity of this service request failed; kept for a later run to keep "
-                          "311's order", level=WARNING, record=activity)
-                return
+            delivered = not self.settings.dry_run and self.sender.unchanged_delivery(activity, body)
+        except JournalError:
+            delivered = False  # nothing starts: the loop stops on journal.failure
+        planned = _Planned(activity, body is not None, position, body if self.settings.dry_run else None)
+        scheduler.add(record_id, activity.sr_number, key, planned, already_delivered=delivered)
+
+    def _deliver(self, scheduler: Scheduler) -> int:
+        """Start what the scheduler allows, at most `workers` at once, until done or stopping; returns the number
+        of records that were not started."""
+        pool = _InPlace() if self.settings.dry_run else ThreadPoolExecutor(self.workers, "knack311-deliver")
+        startable: list[tuple[int, ScheduledRecord]] = []  # handed out by the scheduler, waiting for a worker
+        in_flight: dict[Future, ScheduledRecord] = {}
+        not_started = 0
+        told = abandoned = False
+        try:
+            while True:
+                if not self._stopping():
+                    for record in scheduler.ready():
+                        heapq.heappush(startable, (record.payload.position, record))
+                    self._held(scheduler.take_held())
+                    while startable and len(in_flight) < self.workers:
+                        record = heapq.heappop(startable)[1]
+                        in_flight[pool.submit(self._one, record.payload)] = record
+                elif in_flight and self.stop.stopped:
+                    if not told:
+                        told = True
+                        self.emit("stopping", f"{self.stop.signal_name} received: starting nothing new; waiting for "
+                                  f"the {len(in_flight)} record(s) in flight", level=WARNING)
+                    if self.stop.clock() >= self.stop.exit_by() - WRAP_UP:
+                        self._abandon(in_flight.values())
+                        abandoned = True
+                        break
+                if not in_flight:
+                    break
+                finished, _ = wait(in_flight, timeout=POLL, return_when=FIRST_COMPLETED)
+                for future in sorted(finished, key=lambda f: in_flight[f].payload.position):
+                    record = in_flight.pop(future)
+                    result = future.result()
+                    # a record the ESB has is not a failure for 311's order, even if its status update failed
+                    scheduler.done(record.record_id, failed=result.outcome in (Outcome.FAILED, Outcome.NOT_STARTED)
+                                   and not result.esb_has_it)
+                    if result.outcome is Outcome.NOT_STARTED:
+                        not_started += 1
+                    else:
+                        self._count(record.payload.activity, result)
+        finally:
+            # after a stop signal, the workers' calls end within the stop grace (stopping.Stop.call) on their own
+            pool.shutdown(wait=not abandoned, cancel_futures=True)
+        return scheduler.waiting + len(startable) + not_started
+
+    def _one(self, planned: _Planned) -> Result:
+        """One record, in a worker thread (it touches no count: the main thread reads the Result)."""
+        if not self.stop.work_time_left():
+            return Result(Outcome.NOT_STARTED)
+        activity = planned.activity
+        try:
             if self.settings.dry_run:
-                result = self.sender.dry_run(activity, body)
-            else:
-                result = self.sender.deliver(activity, body)
-        except JournalError as exc:
-            result = Result(Outcome.FAILED, str(exc))
-        self._count(activity, result)
+                return self.sender.dry_run(activity, planned.body)
+            # rendered again: the header's timestamp is the publication time, not the time the record was read
+            body = self.sender.render(activity) if planned.for_311 else None
+            return self.sender.deliver(activity, body)
+        except (JournalError, RecordError) as exc:
+            return Result(Outcome.FAILED, str(exc))
+
+    def _stopping(self) -> bool:
+        """True once no new record may start: a stop signal, an outage, a failed journal or the time budget."""
+        summary = self.summary
+        if self.journal is not None and self.journal.failure and not summary.stop_reason and not self.stop.stopped:
+            summary.stop_reason = self.journal.failure
+        stopping = self.stop.stopped or bool(summary.stop_reason) or not self.stop.work_time_left()
+        if stopping and self.esb_slots is not None:
+            self.esb_slots.close()  # a worker waiting for an ESB slot gives up rather than post
+        return stopping
+
+    def _leave(self, left: int) -> None:
+        """The records this run did not start: for the next run."""
+        if not left:
+            return
+        summary = self.summary
+        if self.stop.stopped:
+            summary.not_attempted += left
+            self.emit("stopping", f"{self.stop.signal_name} received: {left} record(s) left for the next run",
+                      level=WARNING)
+        elif summary.stop_reason or self.stop.work_time_left():
+            summary.not_attempted += left
+        else:
+            summary.deferred += left
+            self.emit("deferred", f"time budget of {self.settings.max_runtime:g}s used: {left} record(s) deferred "
+                      "to the next run")
+
+    def _abandon(self, records) -> None:
+        """Records still in flight when the process must end: their journal entries (`sending` or `delivered`)
+        tell the next run what to do; the summary counts them as not attempted."""
+        for record in records:
+            self.emit("abandoned", "still in flight when the run had to end: the journal tells the next run "
+                      "whether to send it again", level=WARNING, record=record.payload.activity)
+
+    def _held(self, held: list[Held]) -> None:
+        for item in held:
+            activity = item.record.payload.activity
+            self.summary.held += 1
+            self.summary.held_ids.append(activity.record_id)
+            reason = item.reason.value if item.reason is HeldReason.AFTER_FAILURE else (
+                "a later activity of this service request was already sent in this run")
+            self.emit(HELD, f"{reason}; kept for a later run to keep 311's order", level=WARNING, record=activity)
 
     def _count(self, activity: Activity, result: Result) -> None:
         summary = self.summary
@@ -423,8 +543,6 @@ class SendLoop:
     def _fail(self, reason: str, record_id: str, sr: str, activity: Activity | None = None) -> None:
         self.summary.failed += 1
         self.summary.failed_ids.append(record_id)
-        if sr:  # records without an SR number have no order to keep
-            self.failed_srs.add(sr)
         history = ""
         if self.journal is not None and self.run_id is not None and not self.journal.failure:
             try:

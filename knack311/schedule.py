@@ -4,7 +4,9 @@
 activity that failed must not be overtaken by a later one of its SR (311 would apply them out of order). So the
 activities of one SR go strictly one after another; a failure holds the rest of its SR for a later run, except a
 record whose message the ESB already accepted in an earlier run: only its Knack status update is missing, and
-that does not change what 311 sees. Records without an SR number have no order to keep.
+that does not change what 311 sees. Records without an SR number have no order to keep. A record that cannot go
+at all (unreadable, a required value blank, a message that does not render) is added as `failed`: it never
+starts, but when its turn comes it holds the later activities of its SR just as a failed delivery does.
 
 Records arrive page by page while others are being marked (Knack applies the view's filter afresh on every
 request, so marking shifts the later pages). An activity of an SR must not start while an earlier activity of the
@@ -32,6 +34,7 @@ class ScheduledRecord:
     order_key: Any     # atd_activity_id as a sortable key; keys of all records must compare with each other
     payload: Any = field(default=None, compare=False, repr=False)  # what the caller needs to deliver it
     already_delivered: bool = False  # the ESB accepted its message in an earlier run: only the status update is left
+    failed: bool = False  # known not to go before it starts (its data): never handed out, holds the rest of its SR
 
 
 class HeldReason(enum.Enum):
@@ -87,7 +90,7 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        """Records added and neither started nor held (left for the next run if the run stops now)."""
+        """Records added and neither started nor held nor failed (left for the next run if the run stops now)."""
         return self._waiting
 
     @property
@@ -97,18 +100,31 @@ class Scheduler:
     # ----- what the caller tells -----
 
     def add(self, record_id: str, sr_number: str, order_key: Any, payload: Any = None, *,
-            already_delivered: bool = False) -> bool:
-        """A record read from Knack; False if this run has seen it already (nothing changes then)."""
+            already_delivered: bool = False, failed: bool = False) -> bool:
+        """A record read from Knack; False if this run has seen it already (nothing changes then).
+
+        failed=True: the caller found that this record cannot go (and reported it); it is never handed out, and
+        the activities of its SR after it are held once its turn comes (unless already delivered).
+        """
         if record_id in self._states:
             return False
-        record = ScheduledRecord(record_id, sr_number, order_key, payload, already_delivered)
+        record = ScheduledRecord(record_id, sr_number, order_key, payload, already_delivered, failed)
         self._arrivals += 1
         self._states[record_id] = _State.WAITING
-        self._waiting += 1
+        if failed and not sr_number:
+            self._states[record_id] = _State.FINISHED  # no order to keep: nothing to hold
+            return True
+        if not failed:
+            self._waiting += 1
         if not sr_number:
             self._free.append(record)
             return True
         line = self._lines.setdefault(sr_number, _Line())
+        if failed and line.started_any and order_key < line.last_started:
+            # its turn has passed (a later activity already started): what has not started yet waits behind it
+            self._states[record_id] = _State.FINISHED
+            line.failed = True
+            return True
         if line.started_any and order_key < line.last_started:
             # A later activity of this SR already went to the ESB: starting this one now would be out of order
             # for 311 too, so it is not started; the caller must say so loudly.
@@ -146,6 +162,12 @@ class Scheduler:
             line = self._lines[sr]
             while line.in_flight is None and line.pending and self._is_listed(line.pending[0][0]):
                 _, _, record = heapq.heappop(line.pending)
+                if record.failed:
+                    # its turn, taken as a start that failed: an earlier activity turning up later is held LATE
+                    self._states[record.record_id] = _State.FINISHED
+                    line.failed = True
+                    line.last_started, line.started_any = record.order_key, True
+                    continue
                 if line.failed and not record.already_delivered:
                     self._hold(record, HeldReason.AFTER_FAILURE)
                     continue

@@ -10,6 +10,7 @@ program's retry, timeout and error handling.
 from __future__ import annotations
 
 import collections
+import contextlib
 import socket
 import ssl
 import threading
@@ -114,6 +115,8 @@ class Received:
     client_subject: str  # CN of the client certificate, "" if none
     record_id: str  # data/csr/id of the message, "" if unparseable
     emi: str  # header/emi of the message
+    at: float = 0.0  # time.monotonic() when the message was taken in
+    answered_at: float = 0.0  # time.monotonic() once its answer was sent (or the connection dropped)
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
-        self.server.simulator._handle(self, body)
+        with self.server.simulator._counted_in_flight():
+            self.server.simulator._handle(self, body)
 
     def do_GET(self) -> None:
         self.send_answer(_Answer(404, b"not found\n"))
@@ -287,6 +291,12 @@ class ESBSimulator:
         self.path = path
         self.latency: float = 0.0  # seconds to wait before every answer
         self.handshake_failures = 0  # TLS handshakes the server refused or that broke off
+        # For concurrent senders: the most POSTs handled at the same moment, and records whose messages are
+        # rejected with a SOAP Fault whenever they arrive (inject() goes by arrival order, which concurrency
+        # makes unpredictable).
+        self.peak_in_flight = 0
+        self._in_flight = 0
+        self.reject_records: dict[str, str] = {}  # data/csr/id -> the faultstring to answer with
         self._lock = threading.Lock()
         self._received: list[Received] = []
         self._accepted: list[Received] = []
@@ -393,6 +403,17 @@ class ESBSimulator:
 
     # -- request handling (server threads) ---------------------------------------
 
+    @contextlib.contextmanager
+    def _counted_in_flight(self):
+        with self._lock:
+            self._in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
     def _count_handshake_failure(self) -> None:
         with self._lock:
             self.handshake_failures += 1
@@ -420,13 +441,17 @@ class ESBSimulator:
             client_subject=handler.client_subject(),
             record_id=record_id,
             emi=emi,
+            at=time.monotonic(),
         )
         with self._lock:
             self._received.append(received)
             if answer.accepted or (injected is not None and injected.processed):
                 self._accepted.append(received)
         time.sleep(self.latency + (injected.delay if injected else 0.0))
-        handler.send_answer(answer)
+        try:
+            handler.send_answer(answer)
+        finally:
+            received.answered_at = time.monotonic()
 
     def _answer(self, handler: _Handler, body: bytes, injected: _Injected | None) -> _Answer:
         answer = self._genuine_answer(handler, body, injected)
@@ -451,6 +476,15 @@ class ESBSimulator:
                 )
             if injected.status is not None:
                 return _Answer(injected.status, f"injected status {injected.status}\n".encode())
+
+        if self.reject_records:
+            try:
+                record_id = parse_message(body)["id"]
+            except ValueError:
+                record_id = ""
+            if record_id in self.reject_records:
+                return _Answer(500, fault_body("soapenv:Server", self.reject_records[record_id]),
+                               "text/xml; charset=utf-8")
 
         media_type = (handler.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if media_type != "text/xml":

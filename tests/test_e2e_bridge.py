@@ -101,6 +101,17 @@ def activity_ids(received, knack, app: str = "data-tracker") -> list[str]:
     return [by_record.get(record_id, "?") for record_id in ids(received)]
 
 
+def activity_ids_by_sr(received, knack, app: str = "data-tracker") -> dict[str, list[str]]:
+    """SR number -> the atd_activity_id of each message of that SR, in arrival order: 311's order is per SR, and
+    with several workers different SRs interleave."""
+    key = f"{CONFIG[app]['fields']['atd_activity_id']}_raw"
+    by_record = {r["id"]: str(r[key]) for r in knack.records(CONFIG[app]["obj"])}
+    order: dict[str, list[str]] = {}
+    for message in messages(received):
+        order.setdefault(message["sr_number"], []).append(by_record.get(message["id"], "?"))
+    return order
+
+
 def request_kinds(knack) -> list[str]:
     """Knack's request log as 'metadata' / 'records' / 'put' entries, in arrival order."""
     kinds = []
@@ -266,13 +277,17 @@ def test_closed_duplicate_is_sent_as_closed_resolved_and_knack_keeps_its_value(b
     assert statuses(knack)[duplicate["id"]] == "SENT"
 
 
-def test_records_reach_the_esb_in_ascending_activity_id_order(bridge, knack, esb, seed):
+@pytest.mark.parametrize("workers", [None, "1"], ids=["default-workers", "one-worker"])
+def test_records_reach_the_esb_in_ascending_activity_id_order(bridge, knack, esb, seed, workers):
     # seeded out of order, with ids whose text order differs from their number order
     for number, sr in ((1002, "24-1"), (998, "24-2"), (10000, "24-1"), (99, "24-3"), (1001, "24-2"), (5, "24-1")):
         seed(atd_activity_id=number, sr_number=sr)
-    result = bridge()
+    result = bridge(*(["--workers", workers] if workers else []))
     assert result.returncode == 0, result.output
-    assert activity_ids(esb.received, knack) == ["5", "99", "998", "1001", "1002", "10000"]
+    assert activity_ids_by_sr(esb.received, knack) == {"24-1": ["5", "1002", "10000"], "24-2": ["998", "1001"],
+                                                       "24-3": ["99"]}
+    if workers == "1":  # one record at a time: the whole backlog in ascending order, as before --workers
+        assert activity_ids(esb.received, knack) == ["5", "99", "998", "1001", "1002", "10000"]
 
 
 def test_a_failed_activity_holds_the_later_ones_of_its_sr_then_a_rerun_sends_them_in_order(bridge, knack, esb,
@@ -282,22 +297,26 @@ def test_a_failed_activity_holds_the_later_ones_of_its_sr_then_a_rerun_sends_the
     a2 = seed(atd_activity_id=2003, sr_number="24-AAAA")[0]
     b2 = seed(atd_activity_id=2004, sr_number="24-BBBB")[0]
     a3 = seed(atd_activity_id=2005, sr_number="24-AAAA")[0]
-    esb.inject(fault="SR is locked", status=500)  # the first message (a1, lowest id) is rejected
+    esb.reject_records = {a1["id"]: "SR is locked"}  # a1 (the lowest id of its SR) is rejected, whenever it arrives
 
     first = bridge()
 
     assert first.returncode == 1, first.output
     assert statuses(knack) == {a1["id"]: "READY_TO_SEND", a2["id"]: "READY_TO_SEND", a3["id"]: "READY_TO_SEND",
                                b1["id"]: "SENT", b2["id"]: "SENT"}
-    assert activity_ids(esb.received, knack) == ["2001", "2002", "2004"]  # a2 and a3 were never posted
+    # a2 and a3 were never posted; SR BBBB went on
+    assert activity_ids_by_sr(esb.received, knack) == {"24-AAAA": ["2001"], "24-BBBB": ["2002", "2004"]}
     assert lines_naming(first.output, a1["id"])
 
+    esb.reject_records = {}
     second = bridge()  # the ESB is healthy again
 
     assert second.returncode == 0, second.output
     assert set(statuses(knack).values()) == {"SENT"}
-    assert activity_ids(esb.received, knack) == ["2001", "2002", "2004", "2001", "2003", "2005"]
-    assert activity_ids(esb.accepted, knack) == ["2002", "2004", "2001", "2003", "2005"]
+    assert activity_ids_by_sr(esb.received, knack) == {"24-AAAA": ["2001", "2001", "2003", "2005"],
+                                                       "24-BBBB": ["2002", "2004"]}
+    assert activity_ids_by_sr(esb.accepted, knack) == {"24-AAAA": ["2001", "2003", "2005"],
+                                                       "24-BBBB": ["2002", "2004"]}
     assert set(esb.copies().values()) == {1}
 
 
@@ -524,11 +543,12 @@ ESB_REJECTIONS = {
 
 @pytest.mark.parametrize("rejection", list(ESB_REJECTIONS.values()), ids=list(ESB_REJECTIONS))
 def test_an_esb_rejection_fails_that_record_without_retry(bridge, knack, esb, seed, rejection):
-    [rejected] = seed(sr_number="24-00000001")
-    others = seed(sr_number="24-00000002") + seed(sr_number="24-00000003")
-    esb.inject(**rejection)  # the first message, the lowest activity id
+    seeded = seed(sr_number="24-00000001") + seed(sr_number="24-00000002") + seed(sr_number="24-00000003")
+    esb.inject(**rejection)  # the first message to arrive (the workers post all three at once)
     result = bridge()
     assert result.returncode == 1, result.output
+    [rejected] = [r for r in seeded if msg_id(r) not in esb.copies()]
+    others = [r for r in seeded if r is not rejected]
     assert ids(esb.received).count(msg_id(rejected)) == 1
     assert statuses(knack) == {rejected["id"]: "READY_TO_SEND", **{r["id"]: "SENT" for r in others}}
     assert esb.copies() == {msg_id(r): 1 for r in others}
@@ -566,7 +586,8 @@ def connect_counter(tmp_path):
 
 
 def test_esb_down_stops_the_run_early_and_marks_nothing(bridge, knack, esb, seed, connect_counter):
-    seeded = [seed(sr_number=f"24-{n:08d}")[0] for n in range(20)]
+    # 40: the default workers try 8 records at once (3 connects each) before the outage stop can follow
+    seeded = [seed(sr_number=f"24-{n:08d}")[0] for n in range(40)]
     esb.stop()  # connection refused from now on
     port = int(esb.url.split(":")[2].split("/")[0])
     env, connects = connect_counter
@@ -778,8 +799,9 @@ def test_signs_markings_sends_connection_identifiers_and_its_own_codes(bridge, k
     assert sent[crew["id"]]["activity_type_code"] == "DISPATC2"
     assert sent[crew["id"]]["issue_status_code"] == "closed_resolved"
     assert sent[email["id"]]["activity_type_code"] == "CONTACT"
-    order = activity_ids(esb.received, knack, "signs-markings")
-    assert order == sorted(order, key=int)
+    atd = f"{SIGNS['fields']['atd_activity_id']}_raw"
+    assert activity_ids_by_sr(esb.received, knack, "signs-markings")["24-00451234"] == [str(repair[atd]),
+                                                                                         str(crew[atd])]
     for message in sent.values():
         assert "span" not in message["sr_number"]
         assert dt.datetime.fromisoformat(message["activity_date"]).utcoffset() == dt.timedelta(hours=-5)

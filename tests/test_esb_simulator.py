@@ -6,6 +6,7 @@ import socket
 import ssl
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -433,3 +434,28 @@ def test_tls_version_can_be_pinned_and_a_refused_client_reads_the_alert(pki, ver
         host, port = pinned.url.split("/")[2].split(":")
         with socket.create_connection((host, int(port)), timeout=5) as raw, pytest.raises(ssl.SSLError):
             context.wrap_socket(raw, server_hostname=host)
+
+
+# -- concurrent senders -----------------------------------------------------------
+
+def test_concurrent_posts_are_counted_and_timed(esb, pki):
+    esb.latency = 0.3
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda n: post(esb.url, pki, message(f"rec{n}")), range(3)))
+
+    assert [r.status_code for r in replies] == [200, 200, 200]
+    assert esb.peak_in_flight == 3
+    assert all(r.answered_at - r.at >= 0.3 for r in esb.received)
+    esb.latency = 0.0
+    post(esb.url, pki)
+    assert esb.peak_in_flight == 3  # a peak, not the current count
+
+
+def test_a_rejected_record_gets_a_fault_whenever_it_arrives(esb, pki):
+    esb.reject_records = {"rec2": "record rec2 rejected"}
+
+    replies = {n: post(esb.url, pki, message(f"rec{n}")) for n in (1, 2, 3)}
+
+    assert replies[2].status_code == 500 and fault_of(replies[2]) == ("soapenv:Server", "record rec2 rejected")
+    assert replies[1].status_code == replies[3].status_code == 200
+    assert sorted(r.record_id for r in esb.accepted) == ["rec1", "rec3"]

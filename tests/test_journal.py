@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +51,56 @@ def set_updated(path: Path, record_id: str, updated: float) -> None:
     with db:
         db.execute("UPDATE deliveries SET updated = ? WHERE record_id = ?", (updated, record_id))
     db.close()
+
+
+# --- shared by the delivery workers ------------------------------------------------------------------------------
+
+def test_workers_share_one_journal_and_every_state_lands(journal, journal_path):
+    """What the run's delivery workers do at once: each record through sending -> delivered -> done, reading its
+    entry back between steps, while the main thread records and clears failures and reads the history."""
+    records_per_worker, workers = 40, 8
+    errors: list[BaseException] = []
+    start = threading.Barrier(workers + 1)
+
+    def worker(n: int) -> None:
+        try:
+            start.wait()
+            for i in range(records_per_worker):
+                record_id = f"w{n}-r{i}"
+                journal.set(record_id, SENDING, f"EMI-{n}-{i}", f"hash-{n}-{i}")
+                assert journal.get(record_id).state == SENDING
+                journal.set(record_id, DELIVERED)
+                journal.set(record_id, DONE)
+                assert journal.get(record_id) == Entry(record_id, DONE, f"EMI-{n}-{i}", f"hash-{n}-{i}",
+                                                       journal.get(record_id).updated)
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(workers)]
+    for thread in threads:
+        thread.start()
+    run_id = journal.start_run()
+    start.wait()
+    for i in range(records_per_worker):
+        failure = journal.record_failure(f"bad{i}", "SR", "unreadable", run_id)
+        assert failure.record_id == f"bad{i}" and failure.runs == 1
+        if i % 2:
+            journal.clear_failure(f"bad{i}")
+        journal.counts()
+    for thread in threads:
+        thread.join(30)
+
+    assert errors == []
+    assert journal.failure == ""
+    assert journal.counts() == {DONE: workers * records_per_worker}
+    assert {f.record_id for f in journal.failures()} == {f"bad{i}" for i in range(0, records_per_worker, 2)}
+    journal.close()
+    db = sqlite3.connect(str(journal_path))  # committed: another connection sees every state
+    try:
+        assert db.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'done'").fetchone() == (
+            workers * records_per_worker,)
+    finally:
+        db.close()
 
 
 # --- states --------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from knack311.esb import Delivery, ESBUncertain
 from knack311.journal import SENDING, Journal
 from knack311.knack import AppSchema
 from knack311.logs import printable as log_safe
-from knack311.settings import Settings, load_app
+from knack311.settings import DEFAULT_WORKERS, Settings, load_app
 from simulators.activities import FIELD_TYPES, activity_record
 from simulators.esb import parse_message
 from tests.conftest import API_KEY, APP_ID, make_knack, statuses
@@ -189,30 +189,45 @@ def test_a_record_fixed_while_its_entry_is_delivered_is_resent_only_if_its_messa
 
 # ===== 7§6: the journal fails after the ESB accepted ================================================================
 
+@pytest.mark.parametrize("workers", [None, "1"], ids=["default-workers", "one-worker"])
 def test_a_journal_that_fails_after_the_esb_accepted_still_marks_sent_and_sends_nothing_more(
-        knack, esb, seed, start_bridge, run_bridge, state_dir):
-    records = seed(4)
+        knack, esb, seed, start_bridge, run_bridge, state_dir, workers):
+    records = seed(4 if workers == "1" else 3 * DEFAULT_WORKERS)
     esb.latency = 0.5  # the ESB holds its answer: the window in which the disk "fills up"
-    proc = start_bridge()
+    proc = start_bridge(*(["--workers", workers] if workers else []))
+    # one worker: wait for the second record, so that the first is done; several: the first wave is in flight
     deadline = time.monotonic() + 30
-    while records[1]["id"] not in {r.record_id for r in esb.received}:
+    while len(esb.received) < (2 if workers == "1" else 1):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.005)
     # No file of this process may grow any more, as on a full disk; this holds for root too, unlike permissions.
-    # The next journal write, `delivered` for the message the ESB is about to accept, fails.
+    # The next journal write, `delivered` for each message the ESB is about to accept, fails.
     resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1, 1))
     stdout, stderr = proc.communicate(timeout=60)
 
     assert proc.returncode == 1, stdout + stderr
     assert "Traceback" not in stdout + stderr
-    assert esb.copies() == {records[0]["id"]: 1, records[1]["id"]: 1}  # nothing sent after the failure
-    assert [statuses(knack)[r["id"]] for r in records] == [SENT, SENT, READY, READY]
-    [accepted] = [line for line in lines_naming(stdout, records[1]["id"]) if "accepted" in line]
-    assert "journal" in accepted, accepted
-    assert (count(stdout, "fetched"), count(stdout, "sent"), count(stdout, "not_attempted")) == (4, 2, 2)
+    posted = [r for r in records if r["id"] in {m.record_id for m in esb.received}]
+    assert esb.copies() == {r["id"]: 1 for r in posted}
+    if workers == "1":
+        assert posted == records[:2]  # nothing sent after the failure
+    else:
+        # nothing started after the failure: only the first wave, which was in flight when the disk filled up
+        assert 1 <= len(posted) <= DEFAULT_WORKERS
+    # the ESB has them, so Knack says SENT; the others were left alone
+    assert statuses(knack) == {r["id"]: SENT if r in posted else READY for r in records}
+    in_flight = posted[1:] if workers == "1" else posted
+    for record in in_flight:
+        [accepted] = [line for line in lines_naming(stdout, record["id"]) if "accepted" in line]
+        assert "journal" in accepted, accepted
+        assert journal_states(state_dir)[record["id"]] == "sending"  # its `delivered` never got written
+    assert (count(stdout, "fetched"), count(stdout, "sent")) == (len(records), len(posted))
+    # a worker of the first wave that had not written `sending` yet fails on the journal: it posted nothing
+    failed = count(stdout, "failed")
+    assert failed == 0 if workers == "1" else failed <= DEFAULT_WORKERS - len(posted)
+    assert count(stdout, "not_attempted") == len(records) - len(posted) - failed
     counts_add_up(stdout)
     assert "journal" in summary(stdout).split("stopped:", 1)[1]
-    assert journal_states(state_dir)[records[1]["id"]] == "sending"  # its `delivered` never got written
 
     healthy = run_bridge()
 
@@ -352,7 +367,7 @@ def test_an_unknown_activity_says_what_to_add_and_since_when_it_fails(knack, esb
 
 def test_an_esb_rejection_line_carries_the_esbs_reason(knack, esb, seed, run_bridge, state_dir):
     records = seed(2)
-    esb.inject(fault="SR 20-00001001 is locked by another user", count=1)
+    esb.reject_records = {records[0]["id"]: "SR 20-00001001 is locked by another user"}  # whenever it arrives
 
     result = run_bridge()
 
@@ -383,20 +398,21 @@ def test_the_summary_names_the_first_20_failed_and_the_held_records(knack, esb, 
 
 def test_after_a_read_timeout_the_next_run_says_the_answer_never_came(knack, esb, seed, run_bridge, state_dir):
     records = seed(2)
-    esb.inject(delay=3, count=1)  # takes the message in, answers after the program gave up
+    esb.inject(delay=3, count=1)  # takes the first message to arrive in, answers after the program gave up
     env = {"ESB_TIMEOUT": "1"}
 
     first = run_bridge(env=env)
     assert first.returncode == 1, first.output
-    entry = journal_rows(state_dir)[records[0]["id"]]
-    assert entry["state"] == "sending" and "answer" in entry["note"], entry
+    [unanswered] = [r for r in records if journal_rows(state_dir)[r["id"]]["state"] == "sending"]
+    entry = journal_rows(state_dir)[unanswered["id"]]
+    assert "answer" in entry["note"], entry
 
     second = run_bridge(env=env)
 
     assert second.returncode == 0, second.output
-    [warning] = [line for line in lines_naming(second.stdout, records[0]["id"]) if "WARNING" in line]
+    [warning] = [line for line in lines_naming(second.stdout, unanswered["id"]) if "WARNING" in line]
     assert "never came" in warning and "twice" in warning and "died" not in warning, warning
-    assert esb.copies()[records[0]["id"]] == 2  # the one duplicate a lost answer allows
+    assert esb.copies() == {r["id"]: 2 if r is unanswered else 1 for r in records}  # the duplicate a lost answer
     assert statuses(knack) == {r["id"]: SENT for r in records}
 
 
@@ -429,19 +445,25 @@ def test_dry_run_counts_add_up(knack, esb, seed, run_bridge):
     assert esb.received == [] and knack_requests(knack, "PUT") == []
 
 
+@pytest.mark.parametrize("workers", [None, "1"], ids=["default-workers", "one-worker"])
 def test_an_esb_that_takes_messages_but_never_answers_is_not_called_unreachable(knack, esb, seed, run_bridge,
-                                                                                 state_dir):
-    records = seed(6)
+                                                                                 state_dir, workers):
+    records = seed(6 if workers == "1" else 3 * DEFAULT_WORKERS)
     esb.inject(delay=2.5, count=100)
 
-    result = run_bridge(env={"ESB_TIMEOUT": "1"})
+    result = run_bridge(*(["--workers", workers] if workers else []), env={"ESB_TIMEOUT": "1"})
 
     assert result.returncode == 1, result.output
     stopped = summary(result.stdout).split("stopped:", 1)[1]
     assert "not answering (3 records in a row" in stopped and "cannot be reached" not in stopped, stopped
-    assert len(esb.received) == 3 and count(result.stdout, "not_attempted") == 3
-    assert {r["id"]: journal_states(state_dir).get(r["id"]) for r in records[:3]} == {
-        r["id"]: "sending" for r in records[:3]}  # outcome unknown: resent with a warning next time
+    posted = {r.record_id for r in esb.received}
+    if workers == "1":
+        assert len(esb.received) == 3
+    else:
+        # the first wave goes out at once; the third timeout stops the run before much more could start
+        assert 3 <= len(esb.received) < len(records) and len(posted) == len(esb.received)
+    assert count(result.stdout, "not_attempted") == len(records) - len(posted)
+    assert {rid: journal_states(state_dir).get(rid) for rid in posted} == dict.fromkeys(posted, "sending")
     assert knack_requests(knack, "PUT") == []
 
 
@@ -495,7 +517,8 @@ def test_a_signal_mid_backlog_stops_within_8_seconds_naming_it(knack, esb, seed,
     assert count(stdout, "not_attempted") > 0
     states = journal_states(state_dir)
     in_doubt = [rid for rid, state in states.items() if state == "sending"]
-    assert set(states.values()) <= {"done", "sending"} and len(in_doubt) <= 1, states  # nothing half-done
+    # nothing half-done; in doubt at most the records in flight at the signal (one per worker)
+    assert set(states.values()) <= {"done", "sending"} and len(in_doubt) <= DEFAULT_WORKERS, states
     marked = {rid for rid, status in statuses(knack).items() if status == SENT}
     assert marked == set(esb.copies()) - set(in_doubt)
     assert set(esb.copies().values()) == {1}
@@ -586,7 +609,8 @@ def unit_records(n: int) -> list[dict]:
             for i in range(1, n + 1)]
 
 
-def run_with_fakes(monkeypatch, tmp_path, knack: FakeKnack, esb: FakeESB) -> tuple[int, str]:
+def run_with_fakes(monkeypatch, tmp_path, knack: FakeKnack, esb: FakeESB, workers: int = 1) -> tuple[int, str]:
+    """One worker: the fake ESB's `cut` counts posts, which then follow 311's order over the whole backlog."""
     def make_knack(*args, stop=None, **kwargs):
         knack.stop = stop
         return knack
@@ -600,7 +624,7 @@ def run_with_fakes(monkeypatch, tmp_path, knack: FakeKnack, esb: FakeESB) -> tup
     settings = Settings(app=load_app(APP, CONFIG), knack_app_id=APP_ID, knack_api_key=API_KEY,
                         knack_api_url="http://knack.invalid/v1", knack_max_rps=8.0,
                         esb_endpoint="https://esb.invalid/submitKnack", esb_cert=tmp_path / "c", esb_key=tmp_path / "k",
-                        esb_verify=True, esb_timeout=5.0, state_dir=tmp_path / "state")
+                        esb_verify=True, esb_timeout=5.0, state_dir=tmp_path / "state", workers=workers)
     out = StringIO()
     code = run_module.run(settings, out=out)
     return code, out.getvalue()

@@ -174,6 +174,48 @@ def test_done_of_a_record_not_in_flight_is_a_bug():
         scheduler.done("unknown", failed=False)
 
 
+def test_a_record_that_cannot_go_holds_the_later_activities_of_its_sr_once_its_turn_comes():
+    scheduler = Scheduler()
+    scheduler.add("a1", "A", 1)
+    scheduler.add("a2", "A", 2, failed=True)  # e.g. unreadable: the caller reported it already
+    scheduler.add("a3", "A", 3)
+    scheduler.add("a4", "A", 4, already_delivered=True)
+    scheduler.add("b1", "B", 5)
+    scheduler.listed_all()
+
+    assert started_ids(scheduler) == ["a1", "b1"]  # a1 goes first: a failure holds only what comes after it
+    assert scheduler.waiting == 2  # a3 and a4; a2 is concluded, never waiting
+    scheduler.done("a1", failed=False)
+
+    assert started_ids(scheduler) == ["a4"]
+    assert [(h.record.record_id, h.reason) for h in scheduler.take_held()] == [("a3", HeldReason.AFTER_FAILURE)]
+    assert scheduler.seen("a2") and scheduler.waiting == 0
+
+
+def test_a_record_that_cannot_go_without_an_sr_holds_nothing():
+    scheduler = Scheduler()
+    scheduler.add("x", "", 1, failed=True)
+    scheduler.add("y", "", 2)
+
+    assert started_ids(scheduler) == ["y"]
+    assert scheduler.seen("x") and scheduler.take_held() == [] and scheduler.waiting == 0
+
+
+def test_a_record_that_cannot_go_arriving_after_its_turn_holds_what_has_not_started():
+    scheduler = Scheduler()
+    scheduler.add("a5", "A", 5)
+    scheduler.listed_through(5)
+    assert started_ids(scheduler) == ["a5"]
+
+    scheduler.add("a3", "A", 3, failed=True)  # a shifted page brought it back after a5 started
+    scheduler.add("a7", "A", 7)
+    scheduler.done("a5", failed=False)
+    scheduler.listed_all()
+
+    assert started_ids(scheduler) == []
+    assert [(h.record.record_id, h.reason) for h in scheduler.take_held()] == [("a7", HeldReason.AFTER_FAILURE)]
+
+
 def test_payload_is_handed_back():
     scheduler = Scheduler()
     activity = object()
@@ -192,10 +234,12 @@ SRS = ["", "A", "B", "C", "D"]
 
 @st.composite
 def backlogs(draw):
-    """Records with unique keys (atd_activity_id is an auto-increment), each with an SR (or none) and a flag."""
+    """Records with unique keys (atd_activity_id is an auto-increment), each with an SR (or none), an "already
+    delivered" flag and, now and then, a "cannot go" flag (unreadable data, found before it could start)."""
     count = draw(st.integers(min_value=0, max_value=30))
     keys = draw(st.permutations(range(count)))
-    return [(f"r{key}", draw(st.sampled_from(SRS)), key, draw(st.booleans())) for key in keys]
+    return [(f"r{key}", draw(st.sampled_from(SRS)), key, draw(st.booleans()),
+             draw(st.sampled_from([False, False, False, True]))) for key in keys]
 
 
 def drive(data, records, *, pages_in_key_order: bool):
@@ -214,8 +258,8 @@ def drive(data, records, *, pages_in_key_order: bool):
         if arrival and (not in_flight or data.draw(st.booleans(), label="read a page")):
             size = data.draw(st.integers(min_value=1, max_value=len(arrival)), label="page size")
             page, arrival = arrival[:size], arrival[size:]
-            for record_id, sr, key, delivered in page:
-                assert scheduler.add(record_id, sr, key, already_delivered=delivered)
+            for record_id, sr, key, delivered, broken in page:
+                assert scheduler.add(record_id, sr, key, already_delivered=delivered, failed=broken)
                 assert not scheduler.add(record_id, sr, key)  # a re-read page: passed over
             if pages_in_key_order:
                 if arrival:
@@ -237,7 +281,8 @@ def drive(data, records, *, pages_in_key_order: bool):
 
 
 def check_order(records, events):
-    info = {record_id: (sr, key, delivered) for record_id, sr, key, delivered in records}
+    info = {record_id: (sr, key, delivered) for record_id, sr, key, delivered, _ in records}
+    broken = {record_id for record_id, *_, is_broken in records if is_broken}
     started_keys: dict[str, list[int]] = {}
     failed_srs: set[str] = set()
     running: dict[str, str] = {}
@@ -262,10 +307,12 @@ def check_order(records, events):
             outcome.setdefault(record_id, []).append("held")
             assert sr, "a record without an SR has no order to keep and is never held"
             if event[2] is HeldReason.AFTER_FAILURE:
-                assert sr in failed_srs and not delivered
-            else:
-                assert started_keys[sr][-1] > key
-    assert {record_id: len(what) for record_id, what in outcome.items()} == dict.fromkeys(info, 1)
+                broken_before = any(info[b][0] == sr and info[b][1] < key for b in broken)
+                assert (sr in failed_srs or broken_before) and not delivered
+            else:  # LATE: a later activity of its SR started, or took its turn and could not go
+                assert max(started_keys.get(sr, []) + [info[b][1] for b in broken if info[b][0] == sr]) > key
+    # every record is started or held exactly once, except those that cannot go: never handed out nor held
+    assert {record_id: len(what) for record_id, what in outcome.items()} == dict.fromkeys(set(info) - broken, 1)
     return outcome
 
 
@@ -276,11 +323,17 @@ def test_pages_in_key_order_keep_311s_order_and_nothing_is_late(records, data):
     outcome = check_order(records, events)
 
     assert not any(event[0] == "held" and event[2] is HeldReason.LATE for event in events)
-    failed_srs = {event[1] for event in events if event[0] == "done" and event[2]}
+    broken = {record_id for record_id, *_, is_broken in records if is_broken}
+    failed = {event[1] for event in events if event[0] == "done" and event[2]} | broken
     held = {record_id for record_id, what in outcome.items() if what == ["held"]}
-    sr_of = {record_id: sr for record_id, sr, _, _ in records}
+    sr_of = {record_id: sr for record_id, sr, *_ in records}
+    key_of = {record_id: key for record_id, _, key, *_ in records}
     # nothing is held unless its SR had a failure
-    assert all(any(sr_of[f] == sr_of[h] for f in failed_srs) for h in held)
+    assert all(any(sr_of[f] == sr_of[h] for f in failed) for h in held)
+    # a record that cannot go holds every later activity of its SR that was not delivered before
+    for record_id, sr, key, delivered, _ in records:
+        if sr and not delivered and record_id not in broken and any(sr_of[b] == sr and key_of[b] < key for b in broken):
+            assert outcome[record_id] == ["held"], f"{record_id} started after {sr} had a record that cannot go"
 
 
 @settings(max_examples=300, deadline=None)

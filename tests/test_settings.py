@@ -339,6 +339,27 @@ def test_max_runtime_must_be_positive(env):
     assert load_settings("data-tracker", env, config.CONFIG, max_runtime=60).max_runtime == 60
 
 
+def test_workers_default_and_range(env):
+    assert load_settings("data-tracker", env, config.CONFIG).workers == settings_module.DEFAULT_WORKERS
+    assert load_settings("data-tracker", env, config.CONFIG, workers=1).workers == 1
+    for bad in (0, settings_module.MAX_WORKERS + 1):
+        with pytest.raises(ConfigError, match="--workers"):
+            load_settings("data-tracker", env, config.CONFIG, workers=bad)
+
+
+@pytest.mark.parametrize("value, workers, in_flight", [("", 8, 8), ("3", 8, 3), ("32", 4, 4), (" 2 ", 1, 1)])
+def test_esb_max_in_flight_bounds_the_posts_never_beyond_the_workers(env, value, workers, in_flight):
+    env["ESB_MAX_IN_FLIGHT"] = value
+    assert load_settings("data-tracker", env, config.CONFIG, workers=workers).esb_in_flight == in_flight
+
+
+@pytest.mark.parametrize("value", ["0", "33", "-1", "2.5", "two", "\u00b2"])
+def test_esb_max_in_flight_must_be_a_whole_number_in_range(env, value):
+    env["ESB_MAX_IN_FLIGHT"] = value
+    with pytest.raises(ConfigError, match="ESB_MAX_IN_FLIGHT"):
+        load_settings("data-tracker", env, config.CONFIG)
+
+
 # --- malformed config entries ----------------------------------------------------------------------------------
 
 def broken(mutate) -> dict:
