@@ -301,6 +301,7 @@ class ESBSimulator:
         self._received: list[Received] = []
         self._accepted: list[Received] = []
         self._injected: collections.deque[_Injected] = collections.deque()
+        self._injected_for: dict[str, collections.deque[_Injected]] = {}  # data/csr/id -> its own faults
         self._stopping = threading.Event()  # ends answers that hang, stall, trickle or never end
         self._server = _TLSServer((host, port), context, self)
         self._thread: threading.Thread | None = None
@@ -367,8 +368,13 @@ class ESBSimulator:
         body: bytes | None = None,
         content_type: str | None = None,
         processed: bool | None = None,
+        record: str | None = None,
     ) -> None:
         """Make the next `count` POSTs to the ESB path misbehave (queued after earlier ones).
+
+        record: only the messages whose data/csr/id is this record id, whenever they arrive (a client
+        that posts several records at once cannot make "the next POST" mean one record); these come
+        before the faults for any message.
 
         Each reads the whole request first and records it in `received`.
         delay: wait that long first. drop: close the connection without answering.
@@ -395,11 +401,13 @@ class ESBSimulator:
             processed = how in ("hang", "stall", "trickle", "endless")
         injected = _Injected(status, fault, delay, drop, how, trickle, body, content_type, processed)
         with self._lock:
-            self._injected.extend([injected] * count)
+            queue = self._injected if record is None else self._injected_for.setdefault(record, collections.deque())
+            queue.extend([injected] * count)
 
     def clear_faults(self) -> None:
         with self._lock:
             self._injected.clear()
+            self._injected_for.clear()
 
     # -- request handling (server threads) ---------------------------------------
 
@@ -422,15 +430,17 @@ class ESBSimulator:
         if handler.path != self.path:
             handler.send_answer(_Answer(404, b"not found\n"))
             return
-        with self._lock:
-            injected = self._injected.popleft() if self._injected else None
-
-        answer = self._answer(handler, body, injected)
         try:
             values = parse_message(body)
             record_id, emi = values["id"], values["emi"]
         except ValueError:
             record_id = emi = ""
+        with self._lock:
+            own = self._injected_for.get(record_id)
+            queue = own if own else self._injected
+            injected = queue.popleft() if queue else None
+
+        answer = self._answer(handler, body, injected)
         # Recorded before the delay: the ESB has taken the message in, only the answer is
         # slow. So a client that gives up waiting still finds its message in `accepted`,
         # just as a real timeout can leave a message delivered but unacknowledged.

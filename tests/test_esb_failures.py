@@ -9,6 +9,7 @@ no entry = the ESB certainly does not have the message (a rejection, or it never
 
 from __future__ import annotations
 
+import collections
 import os
 import pty
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from knack311.settings import DEFAULT_WORKERS
 from simulators.certs import CLIENT_NAME
 from simulators.esb import ACCESS_DENIED_PAGE, GATEWAY_JSON, SOAP_NS, ESBSimulator, fault_body
 from tests.conftest import API_KEY, ENTRY, statuses
@@ -31,6 +33,9 @@ APP = "data-tracker"
 READY, SENT = "READY_TO_SEND", "SENT"
 SOAP12_NS = "http://www.w3.org/2003/05/soap-envelope"
 KEY_PASSWORD = "correct horse battery staple"
+# Run-wide faults (a refused certificate, a wrong endpoint) stop the run: the records whose POST had already
+# begun end too, and no record starts after. Seeding more than the workers start at once makes that visible.
+MORE_THAN_THE_WORKERS_START = 3 * DEFAULT_WORKERS
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------------
@@ -105,7 +110,7 @@ def test_an_answer_that_never_completes_is_cut_at_esb_timeout_and_left_unknown(r
                                                                                bridge_env, misbehaviour):
     # A byte a second never trips requests' per-read timeout; only a total deadline ends this POST.
     unknown, healthy = seed(2)
-    esb.inject(**misbehaviour)
+    esb.inject(**misbehaviour, record=unknown["id"])
     started = time.monotonic()
 
     run = run_bridge(env={"ESB_TIMEOUT": "2"}, timeout=60)
@@ -125,7 +130,7 @@ def test_an_answer_that_never_completes_is_cut_at_esb_timeout_and_left_unknown(r
 @pytest.mark.slow
 def test_sigterm_while_an_esb_answer_stalls_ends_the_run_within_8s(start_bridge, run_bridge, knack, esb, seed,
                                                                  bridge_env):
-    records = seed(3)
+    records = seed(3, sr_number="20-00009999")  # one SR: the later two wait for the first, which stalls
     in_flight = records[0]
     esb.inject(stall=True)  # headers, then nothing: the POST waits on the body
     proc = start_bridge(env={"ESB_TIMEOUT": "60"})  # the deadline is far: only the signal can end it
@@ -260,14 +265,15 @@ def test_an_encrypted_key_with_its_password_delivers(run_bridge, knack, esb, see
 def test_a_client_certificate_the_esb_refuses_is_named_and_stops_the_run(run_bridge, knack, seed, pki, simulator,
                                                                          bridge_env, tls_version):
     # With TLS 1.3 the refusal arrives after our request was written, as an alert read in place of the answer.
-    records = seed(3)
+    records = seed(MORE_THAN_THE_WORKERS_START)
     esb = simulator(tls_version=tls_version)
     run = run_bridge(env={"ESB_ENDPOINT": esb.url, "ESB_CERT": str(pki.rogue_client_cert),
                           "ESB_KEY": str(pki.rogue_client_key)})
 
     assert run.returncode == 1, run.output
     no_traceback(run)
-    assert esb.received == [] and esb.handshake_failures == 1  # refused once, then the run stopped
+    assert esb.received == []
+    assert 1 <= esb.handshake_failures <= DEFAULT_WORKERS  # the POSTs already begun, then the run stopped
     assert statuses(knack) == {r["id"]: READY for r in records}
     assert journal(bridge_env) == {}  # the ESB's service never saw it: nothing of unknown outcome is left
     lines = lines_naming(run.stdout, "did not accept our client certificate")
@@ -278,13 +284,13 @@ def test_a_client_certificate_the_esb_refuses_is_named_and_stops_the_run(run_bri
 @pytest.mark.parametrize("tls_version", ["1.2", "1.3"])
 def test_an_esb_certificate_our_ca_does_not_vouch_for_is_named_and_stops_the_run(run_bridge, knack, seed, pki,
                                                                                  simulator, bridge_env, tls_version):
-    records = seed(3)
+    records = seed(MORE_THAN_THE_WORKERS_START)
     impostor = simulator(rogue_server=True, tls_version=tls_version)
     run = run_bridge(env={"ESB_ENDPOINT": impostor.url})
 
     assert run.returncode == 1, run.output
     no_traceback(run)
-    assert impostor.received == [] and impostor.handshake_failures == 1
+    assert impostor.received == [] and 1 <= impostor.handshake_failures <= DEFAULT_WORKERS
     assert statuses(knack) == {r["id"]: READY for r in records}
     assert journal(bridge_env) == {}
     lines = lines_naming(run.stdout, "certificate could not be verified")
@@ -309,7 +315,7 @@ def test_a_4xx_line_carries_the_start_of_the_answer_on_one_line(run_bridge, knac
     rejected, healthy = seed(2)
     page = (b"<html>\n<body>\n<h1>Forbidden by policy \x1b[31mRULE-7\x1b[0m</h1>\r\nsummary: forged line\n"
             + b"x" * 2000 + b"</body></html>")
-    esb.inject(status=403, body=page, content_type="text/html")
+    esb.inject(status=403, body=page, content_type="text/html", record=rejected["id"])
 
     run = run_bridge()
 
@@ -326,7 +332,7 @@ def test_a_4xx_line_carries_the_start_of_the_answer_on_one_line(run_bridge, knac
 
 def test_a_soap_fault_line_carries_the_fault_and_the_start_of_the_answer(run_bridge, knack, esb, seed, bridge_env):
     rejected, healthy = seed(2)
-    esb.inject(fault="SR 20-00001001 is locked by\nanother update")
+    esb.inject(fault="SR 20-00001001 is locked by\nanother update", record=rejected["id"])
 
     run = run_bridge()
 
@@ -355,7 +361,7 @@ NOT_THE_ESB = {
 def test_a_200_that_is_not_the_esbs_soap_is_not_taken_for_acceptance(run_bridge, knack, esb, seed, bridge_env,
                                                                       body, content_type):
     unknown, healthy = seed(2)
-    esb.inject(status=200, body=body, content_type=content_type)
+    esb.inject(status=200, body=body, content_type=content_type, record=unknown["id"])
 
     run = run_bridge()
 
@@ -377,7 +383,7 @@ FAULTS_THE_OLD_CHECK_MISSED = {
 def test_a_fault_in_any_encoding_or_without_namespace_is_a_rejection(run_bridge, knack, esb, seed, bridge_env,
                                                                      body):
     rejected, healthy = seed(2)
-    esb.inject(status=200, body=body, content_type="text/xml")
+    esb.inject(status=200, body=body, content_type="text/xml", record=rejected["id"])
 
     run = run_bridge()
 
@@ -429,7 +435,7 @@ def test_an_answer_that_may_follow_a_forwarded_message_is_not_repeated(run_bridg
     # The simulator takes the message in (processed) and then answers badly, as a gateway whose upstream
     # timed out after passing the message on to 311.
     unknown, healthy = seed(2)
-    esb.inject(**answer)
+    esb.inject(**answer, record=unknown["id"])
 
     run = run_bridge()
 
@@ -457,7 +463,7 @@ def test_503_says_not_handled_and_is_retried_within_the_run(run_bridge, knack, e
 
 def test_503_beyond_the_tries_leaves_nothing_unknown(run_bridge, knack, esb, seed, bridge_env):
     refused, healthy = seed(2)
-    esb.inject(status=503, count=3)
+    esb.inject(status=503, count=3, record=refused["id"])
 
     run = run_bridge()
 
@@ -473,13 +479,14 @@ def test_503_beyond_the_tries_leaves_nothing_unknown(run_bridge, knack, esb, see
 
 
 def test_a_redirect_means_a_wrong_endpoint_and_stops_the_run(run_bridge, knack, esb, seed, bridge_env):
-    records = seed(3)
-    esb.inject(status=301, count=3)
+    records = seed(MORE_THAN_THE_WORKERS_START)
+    esb.inject(status=301, count=len(records))
 
     run = run_bridge()
 
     assert run.returncode == 1, run.output
-    assert len(esb.received) == 1  # not followed, not retried, no other record tried
+    assert 1 <= len(esb.received) <= DEFAULT_WORKERS  # the POSTs already begun; no record started after
+    assert max(collections.Counter(r.record_id for r in esb.received).values()) == 1  # not followed, not retried
     assert statuses(knack) == {r["id"]: READY for r in records}
     assert journal(bridge_env) == {}
     assert lines_naming(run.stdout, "ESB_ENDPOINT"), run.stdout
@@ -502,7 +509,7 @@ def peak_memory_mb(pid: int) -> float:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to read the peak memory")
 def test_an_endless_answer_is_read_to_1mb_only(start_bridge, knack, esb, seed, bridge_env):
     unknown, healthy = seed(2)
-    esb.inject(endless=True)
+    esb.inject(endless=True, record=unknown["id"])
     bound_mb = 200.0
 
     proc = start_bridge(env={"ESB_TIMEOUT": "20"})

@@ -459,3 +459,15 @@ def test_a_rejected_record_gets_a_fault_whenever_it_arrives(esb, pki):
     assert replies[2].status_code == 500 and fault_of(replies[2]) == ("soapenv:Server", "record rec2 rejected")
     assert replies[1].status_code == replies[3].status_code == 200
     assert sorted(r.record_id for r in esb.accepted) == ["rec1", "rec3"]
+
+
+def test_an_injection_for_one_record_waits_for_that_record_and_comes_first(esb, pki):
+    esb.inject(status=503, count=2)  # for any message
+    esb.inject(status=502, record="recB")
+
+    answers = [post(esb.url, pki, message(rid)).status_code for rid in ("recA", "recB", "recB", "recA")]
+
+    assert answers == [503, 502, 503, 200]  # recB's own fault first, then the general ones in order
+    esb.inject(status=504, record="recC")
+    esb.clear_faults()
+    assert post(esb.url, pki, message("recC")).status_code == 200
