@@ -188,6 +188,13 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
         return finish(exit_code)
     except ConfigError as exc:
         _keep_run(journal, run_id, summary, EXIT_CONFIG, emit, str(exc))
+        # The entry script prints the one error line; the metrics file and the dead man's switch must still learn
+        # that this run ended with exit 2 (a config.py entry broken by an app edit shows up only here, mid-run).
+        summary.stop_reason = f"configuration error: {exc}"
+        summary.account_for_the_rest()
+        calls_left = knack.calls_left_today() if knack is not None and hasattr(knack, "calls_left_today") else None
+        report = summary.report(app.name, EXIT_CONFIG, clock() - stop.started, settings.dry_run, calls_left)
+        Readers(r for r in readers.readers if r is not _log).finished(report)
         raise
     finally:
         stop.restore()

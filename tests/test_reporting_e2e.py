@@ -13,7 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import API_KEY, statuses
+from config import CONFIG
+from simulators.activities import app_metadata
+from tests.conftest import API_KEY, APP_ID, statuses
 
 
 def json_lines(stdout: str) -> list[dict]:
@@ -150,4 +152,27 @@ def test_unusable_reporting_settings_are_configuration_errors(run_bridge, seed, 
         result = run_bridge(env=env)
         assert result.returncode == 2, (env, result.output)
         assert "Traceback" not in result.output
+    assert esb.received == []
+
+
+def test_a_configuration_error_found_mid_run_still_reaches_the_metrics_and_the_dead_mans_switch(
+        run_bridge, seed, esb, knack, ping_server, tmp_path):
+    # An app edited in the Knack builder (a configured field deleted) is found only once the metadata is read,
+    # after the start ping: the end ping and the metrics must say exit 2, while the log keeps its one error line.
+    seed(2)
+    app = CONFIG["data-tracker"]
+    metadata = app_metadata("data-tracker", app, timezone="Central Time (US & Canada)", app_id=APP_ID)
+    for obj in metadata["application"]["objects"]:
+        if obj["key"] == app["obj"]:
+            obj["fields"] = [f for f in obj["fields"] if f["key"] != app["fields"]["activity_details"]]
+    knack.set_metadata(metadata)
+    metrics = tmp_path / "knack311.prom"
+
+    result = run_bridge(env={"HEALTHCHECK_URL": ping_server, "METRICS_FILE": str(metrics)})
+
+    assert result.returncode == 2, result.output
+    [line] = [line for line in result.output.splitlines() if line.strip()]
+    assert app["fields"]["activity_details"] in line and line in result.stderr
+    assert [path for path, _ in Pings.received] == ["/ping/secret-uuid-1234/start", "/ping/secret-uuid-1234/2"]
+    assert families(metrics)["knack311_last_run_exit_code"][(("app", "data-tracker"),)] == 2
     assert esb.received == []
