@@ -1,8 +1,12 @@
 """The Knack REST API: app metadata, a view's records (every page), one record's status, status updates.
 
 Knack allows an app 10 requests a second and answers 429 beyond; it also has bad moments (5xx, timeouts).
-Requests are paced below the limit, and urllib3's Retry retries 429, 5xx, timeouts and dropped connections
-with exponential backoff, honouring Retry-After; each retry is logged as it happens.
+Every attempt, urllib3's retries included, takes a slot of the client's pacing.Pacer (KNACK_MAX_RPS, slower
+while Knack's X-RateLimit headers show other users of the app, nothing until the reset after a 429), and
+urllib3's Retry retries 429, 5xx, timeouts and dropped connections with exponential backoff, honouring
+Retry-After; each retry is logged as it happens. The app's daily plan budget (X-PlanLimit-*) is shared with its
+other users: once it is spent nothing is retried or started (KnackBudgetSpent) until it resets, and
+may_start_record keeps KNACK_PLAN_RESERVE calls for the others.
 
 Every request, with its retries, runs through the run's Stop (stopping.py): it is abandoned when it has no
 complete answer within ESB_TIMEOUT (requests' own timeouts bound each socket read, so an answer trickled a
