@@ -1,8 +1,12 @@
 """The Knack REST API: app metadata, a view's records (every page), one record's status, status updates.
 
 Knack allows an app 10 requests a second and answers 429 beyond; it also has bad moments (5xx, timeouts).
-Requests are paced below the limit, and urllib3's Retry retries 429, 5xx, timeouts and dropped connections
-with exponential backoff, honouring Retry-After; each retry is logged as it happens.
+Every attempt, urllib3's retries included, takes a slot of the client's pacing.Pacer (KNACK_MAX_RPS, slower
+while Knack's X-RateLimit headers show other users of the app, nothing until the reset after a 429), and
+urllib3's Retry retries 429, 5xx, timeouts and dropped connections with exponential backoff, honouring
+Retry-After; each retry is logged as it happens. The app's daily plan budget (X-PlanLimit-*) is shared with its
+other users: once it is spent nothing is retried or started (KnackBudgetSpent) until it resets, and
+may_start_record keeps KNACK_PLAN_RESERVE calls for the others.
 
 Every request, with its retries, runs through the run's Stop (stopping.py): it is abandoned when it has no
 complete answer within ESB_TIMEOUT (requests' own timeouts bound each socket read, so an answer trickled a
@@ -23,7 +27,6 @@ import math
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.client import RemoteDisconnected
@@ -44,6 +47,7 @@ from urllib3.exceptions import SSLError as Urllib3SSLError
 from urllib3.util import parse_url
 from urllib3.util.retry import Retry
 
+from . import pacing
 from .errors import ConfigError, OutageError
 from .http import AnswerTooLarge, RetryStopped, StoppableRetry, read_capped, with_stop
 from .stopping import CutShort, Stop
@@ -68,21 +72,13 @@ class RecordGone(KnackHTTPError):
     """Knack answered 404 for one record: it no longer exists (deleted by staff)."""
 
 
-class _Pacer:
-    """Spaces request starts at least 1/rate seconds apart (thread-safe), to stay under Knack's limit."""
+class KnackBudgetSpent(OutageError):
+    """The app's daily Knack API budget is used up (a 429 with X-PlanLimit-Remaining 0, or the pacer's own count):
+    no request, and no retry, can succeed before the budget resets."""
 
-    def __init__(self, rate: float):
-        self._interval = 1.0 / rate if rate > 0 else 0.0
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def reserve(self) -> float:
-        """Take the next start slot; returns how long to wait for it."""
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + self._interval
-        return start - now
+    def __init__(self, message: str, budget: pacing.PlanBudget):
+        super().__init__(message)
+        self.budget = budget
 
 
 def knack_retry(attempts: int = 6, backoff: float = 0.5) -> Retry:
@@ -107,8 +103,8 @@ def knack_retry(attempts: int = 6, backoff: float = 0.5) -> Retry:
 @dataclass
 class _Call:
     """One Knack request as its retries see it: its own deadline, whether the caller gave up on it, what
-    went wrong last. urllib3 runs the retries in the thread that makes the request (a Stop.call worker), so
-    the retry policy finds the call in a thread-local."""
+    went wrong last, and the pacer's ticket of the attempt under way. urllib3 runs the retries in the thread that
+    makes the request (a Stop.call worker), so the retry policy finds the call in a thread-local."""
 
     what: str
     timeout: float
@@ -118,6 +114,9 @@ class _Call:
     attempts: int = 1
     last_cause: str = ""
     gave_up: str = ""
+    budget_spent: bool = False  # a retry was refused because the app's daily Knack budget is used up
+    ticket: pacing.Ticket | None = None
+    _ticket_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.deadline = self.clock() + self.timeout
@@ -125,42 +124,71 @@ class _Call:
     def remaining(self) -> float:
         return self.deadline - self.clock()
 
+    def hold(self, ticket: pacing.Ticket | None) -> None:
+        with self._ticket_lock:
+            self.ticket = ticket
+
+    def take_ticket(self) -> pacing.Ticket | None:
+        """The ticket of the attempt under way, taken once: the caller that abandons a call and the thread that
+        runs it may both want to give it back, and the pacer must hear of each attempt once."""
+        with self._ticket_lock:
+            ticket, self.ticket = self.ticket, None
+            return ticket
+
 
 _current = threading.local()
 
+_NO_RETRY_PAST_DEADLINE = "no retry past the run's deadline (--max-runtime + ESB_TIMEOUT)"
+_NO_RETRY_BUDGET = "no retry: the app's daily Knack API budget is spent"
+
 
 class _KnackRetry(StoppableRetry):
-    """The run's StoppableRetry, which also keeps within the request it serves and says each retry out loud.
+    """The run's StoppableRetry, which also keeps within the request it serves, paces each retry with the client's
+    Pacer and says each retry out loud.
 
     Without the request's own deadline, a call abandoned by its caller at ESB_TIMEOUT would go on retrying
-    in its background thread: a status update could then land long after the run reported it failed.
+    in its background thread: a status update could then land long after the run reported it failed. Without the
+    pacer, retries would add requests on top of the paced ones, in the very second Knack is already answering 429.
     """
 
     log: Callable[[str], None] | None = None
     address: str = ""
+    pacer: pacing.Pacer | None = None
 
     def new(self, **kw) -> _KnackRetry:
         copy = super().new(**kw)
         copy.log = self.log
         copy.address = self.address
+        copy.pacer = self.pacer
         return copy
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
         call: _Call | None = getattr(_current, "call", None)
-        if call is not None:
-            call.last_cause = (f"HTTP {response.status} from {self.address}" if response is not None
-                               else _transport_cause(error, self.address))
-            refusal = ""
-            if self.stop is not None and self.stop.stopped:
-                refusal = f"no retry after {self.stop.signal_name}"
-            elif self.stop is not None and self.stop.remaining() <= 0:
-                refusal = "no retry past the run's deadline (--max-runtime + ESB_TIMEOUT)"
-            elif call.abandoned.is_set() or call.remaining() <= 0:
-                refusal = f"no retry past the request's {call.timeout:g}s limit (ESB_TIMEOUT)"
-            if refusal:
-                call.gave_up = refusal
-                raise MaxRetryError(_pool, url or "", RetryStopped(refusal))
-        return super().increment(method, url, response, error, _pool, _stacktrace)
+        if call is None:
+            return super().increment(method, url, response, error, _pool, _stacktrace)
+        call.last_cause = (f"HTTP {response.status} from {self.address}" if response is not None
+                           else _transport_cause(error, self.address))
+        refusal = ""
+        if response is not None and _daily_budget_spent(response.status, response.headers):
+            call.budget_spent = True
+            refusal = _NO_RETRY_BUDGET  # a retry before the daily reset only spends other users' calls on 429s
+        elif self.stop is not None and self.stop.stopped:
+            refusal = f"no retry after {self.stop.signal_name}"
+        elif self.stop is not None and self.stop.remaining() <= 0:
+            refusal = _NO_RETRY_PAST_DEADLINE
+        elif call.abandoned.is_set() or call.remaining() <= 0:
+            refusal = f"no retry past the request's {call.timeout:g}s limit (ESB_TIMEOUT)"
+        if refusal:
+            call.gave_up = refusal
+            raise MaxRetryError(_pool, url or "", RetryStopped(refusal))
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)
+        # A retry follows: this attempt is over. (An attempt that ends the request is handed to the pacer by
+        # _exchange, with the answer the caller sees.)
+        ticket = call.take_ticket()
+        if self.pacer is not None and ticket is not None:
+            self.pacer.after_answer(response.status if response is not None else None,
+                                    response.headers if response is not None else None, ticket)
+        return retry
 
     def sleep(self, response=None) -> None:
         call: _Call | None = getattr(_current, "call", None)
@@ -178,22 +206,49 @@ class _KnackRetry(StoppableRetry):
             super().sleep(response)
         except RetryStopped:
             call.gave_up = (f"no retry after {self.stop.signal_name}" if self.stop and self.stop.stopped else
-                            "no retry past the run's deadline (--max-runtime + ESB_TIMEOUT)")
+                            _NO_RETRY_PAST_DEADLINE)
             raise
+        if self.pacer is not None:
+            self._paced(call)
         call.attempts += 1
+
+    def _paced(self, call: _Call) -> None:
+        """Take the retry's slot from the pacer, after the backoff: the retry is a request like any other."""
+        try:
+            call.hold(self.pacer.before_request())
+        except pacing.StopRequested:
+            call.gave_up = f"no retry after {self.stop.signal_name if self.stop else 'a stop signal'}"
+            raise RetryStopped(call.gave_up) from None
+        except pacing.DeadlineReached:
+            call.gave_up = _NO_RETRY_PAST_DEADLINE
+            raise RetryStopped(call.gave_up) from None
+        except pacing.DailyBudgetSpent:
+            call.budget_spent = True
+            call.gave_up = _NO_RETRY_BUDGET
+            raise RetryStopped(call.gave_up) from None
+        if call.abandoned.is_set() or call.remaining() <= 0:
+            # the caller gave up while this thread waited for the slot: no attempt behind its back
+            ticket = call.take_ticket()
+            if ticket is not None:
+                self.pacer.after_answer(None, None, ticket)
+            call.gave_up = f"no retry past the request's {call.timeout:g}s limit (ESB_TIMEOUT)"
+            raise RetryStopped(call.gave_up)
 
 
 class KnackClient:
     def __init__(self, api_url: str, app_id: str, api_key: str, *, timeout: float = 30.0,
-                 max_rps: float = 8.0, retry: Retry | None = None, stop: Stop | None = None,
+                 max_rps: float = pacing.DEFAULT_MAX_RPS, plan_reserve: int | None = None,
+                 retry: Retry | None = None, stop: Stop | None = None,
                  log: Callable[[str], None] | None = None):
+        """max_rps: KNACK_MAX_RPS; plan_reserve: KNACK_PLAN_RESERVE, the daily calls left to the app's other users
+        (None: 10% of the plan's daily limit). One Pacer paces every attempt of every thread using this client."""
         self._base = api_url.rstrip("/")
         self._app_id = app_id
         self._stop = stop if stop is not None else Stop(request_timeout=timeout)
         self._log_line = log
         self._total = timeout  # ESB_TIMEOUT: one request with its retries, connect to the last byte
         self._timeout = (min(10.0, timeout), timeout)
-        self._pacer = _Pacer(max_rps)
+        self._pacer = pacing.Pacer(max_rps, stop=self._stop, plan_reserve=plan_reserve)
         # longest first, so that a key containing the app id is not half-redacted. A value shorter than
         # REDACT_MIN is no real Knack key or id (those are 24+ characters) and redacting it would garble every
         # line that happens to contain those letters; printing it gives nothing away.
@@ -214,6 +269,7 @@ class KnackClient:
         retries.stop = self._stop
         retries.log = self._log
         retries.address = self._address
+        retries.pacer = self._pacer
         adapter = HTTPAdapter(max_retries=retries)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
@@ -238,6 +294,49 @@ class KnackClient:
     def _outage(self, what: str, detail: str) -> OutageError:
         return OutageError(self._redact(f"Knack {what}: {detail}"))
 
+    def _budget_spent(self, what: str, detail: str) -> KnackBudgetSpent:
+        budget = self._pacer.plan()
+        return KnackBudgetSpent(self._redact(f"Knack {what}: {detail}: the app's daily Knack API budget is spent, "
+                                             f"nothing more is tried before it resets ({budget.describe()})"), budget)
+
+    # ----- the pacer: Knack's per-second limit and the daily budget ------------------------------------------------
+
+    def plan_budget(self) -> pacing.PlanBudget:
+        """The app's daily Knack budget as the last answer (less the calls started since) tells it."""
+        return self._pacer.plan()
+
+    def calls_left_today(self) -> int | None:
+        """Knack calls left in the app's daily budget (all its users'), None until an answer said."""
+        return self._pacer.plan().remaining
+
+    def may_start_record(self, in_flight: int = 0) -> bool:
+        """Whether one more record (one Knack call, its status update) may start with `in_flight` records started
+        and not finished, and still leave the reserve of today's calls to the app's other users."""
+        return self._pacer.may_start_record(in_flight=in_flight)
+
+    @property
+    def throttled(self) -> int:
+        """Answers of 429 (per-second limit or daily budget) this client has seen, retried ones included."""
+        return self._pacer.throttled
+
+    def _first_ticket(self, what: str, write: bool) -> pacing.Ticket | None:
+        """The pacer's slot for a request's first attempt, waited for here, in the caller, where a stop signal ends
+        the wait. None: a write that goes without a slot."""
+        stop = self._stop
+        try:
+            return self._pacer.before_request()
+        except pacing.StopRequested:
+            if write:  # the update of a message the ESB just accepted goes at once, inside the stop grace
+                return None
+            raise self._outage(what, f"not started: {stop.signal_name} received") from None
+        except pacing.DeadlineReached:
+            if write and stop.stopped and stop.remaining() > 0:
+                return None  # as above: the stop grace, not the pacing, bounds that update
+            raise self._outage(what, f"not started: {stop.signal_name} received" if stop.stopped else
+                               "not started: the run's time (--max-runtime + ESB_TIMEOUT) is up") from None
+        except pacing.DailyBudgetSpent:
+            raise self._budget_spent(what, "not started") from None
+
     # ----- one request ----------------------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, what: str, *, write: bool = False, **kwargs) -> object:
@@ -253,12 +352,8 @@ class KnackClient:
         if stop.remaining() <= 0:
             raise self._outage(what, f"not started: {stop.signal_name} received" if stop.stopped else
                                "not started: the run's time (--max-runtime + ESB_TIMEOUT) is up")
-        # Paced here, in the caller, where a stop signal ends the wait; a write after the signal (the update
-        # of a message the ESB just accepted) goes at once, inside the stop grace.
-        if stop.wait(self._pacer.reserve()) and not write:
-            raise self._outage(what, f"not started: {stop.signal_name} received")
-
         call = _Call(what, self._total, stop.clock)
+        call.hold(self._first_ticket(what, write))
         url = f"{self._base}{path}"
 
         def attempt() -> tuple[int, str, str, bytes, Mapping[str, str]]:
@@ -272,11 +367,17 @@ class KnackClient:
             finally:
                 _current.call = None
 
+        def no_answer() -> None:
+            ticket = call.take_ticket()
+            if ticket is not None:
+                self._pacer.after_answer(None, None, ticket)
+
         try:
             status, reason, location, body, headers = stop.call(attempt, timeout=self._total,
                                                                 what=f"Knack {what}", write=write)
         except CutShort as exc:
             call.abandoned.set()
+            no_answer()
             if exc.by_signal:
                 cause = f"cut short by {stop.signal_name}"
             elif stop.remaining() <= 0:
@@ -287,14 +388,28 @@ class KnackClient:
                 cause += f" (after {call.attempts} attempts, the one before: {call.last_cause})"
             raise self._outage(what, cause) from None
         except RetryStopped:
+            no_answer()
+            if call.budget_spent:
+                raise self._budget_spent(what, f"{call.last_cause}{_after(call)}") from None
             raise self._outage(what, f"{call.last_cause}; {call.gave_up or 'no retry'}{_after(call)}") from None
         except AnswerTooLarge:
+            no_answer()
             raise self._outage(what, f"answer from {self._address} is over the "
                                      f"{MAX_ANSWER_BYTES // (1024 * 1024)} MB this program reads") from None
         except requests.RequestException as exc:
+            no_answer()
             if call.gave_up:  # a retry refused by the stop, the deadline or the request's limit
                 raise self._outage(what, f"{call.last_cause}; {call.gave_up}{_after(call)}") from None
             raise self._outage(what, _transport_cause(exc, self._address) + _after(call)) from None
+        except BaseException:
+            no_answer()
+            raise
+
+        ticket = call.take_ticket()
+        if ticket is not None:
+            self._pacer.after_answer(status, headers, ticket)
+        if status == 429 and (call.budget_spent or _daily_budget_spent(status, headers)):
+            raise self._budget_spent(what, f"HTTP 429 {_error_text(body, reason)}{_after(call)}")
 
         if 300 <= status < 400:
             raise KnackHTTPError(status, self._redact(
@@ -316,7 +431,7 @@ class KnackClient:
 
     def app_schema(self, obj: str, view: str) -> AppSchema:
         """Fetch the app metadata once: the scene holding the view, the activity object's field types, timezone."""
-        return _app_schema(self.app_metadata(), obj, view)
+        return app_schema_from(self.app_metadata(), obj, view)
 
     def app_metadata(self) -> object:
         """The app metadata as Knack answers it (GET /applications/{app_id}), unchecked: one request."""
@@ -348,6 +463,39 @@ class KnackClient:
             raise self._outage(what, "reply has no records list")
         return _count(data.get("total_records")), headers
 
+    def ready_page(self, scene: str, view: str, emi_field: str, status_field: str, page: int,
+                   sort_field: str) -> Page:
+        """One page (ROWS_PER_PAGE records, numbered from 1) of the READY_TO_SEND records with an EMI id, sorted by
+        `sort_field` ascending: one request.
+
+        Knack applies the filter afresh on every request, so a record set to SENT drops out and shifts the later
+        pages; a caller that changes statuses between pages must allow for that.
+        """
+        return self._ready_page(scene, view, emi_field, status_field, page, sort_field)
+
+    def _ready_page(self, scene: str, view: str, emi_field: str, status_field: str, page: int,
+                    sort_field: str | None) -> Page:
+        what = f"view {view} records page {page}"
+        params: dict[str, object] = {"filters": _ready_filters(emi_field, status_field),
+                                     "rows_per_page": ROWS_PER_PAGE, "page": page}
+        if sort_field:
+            params.update(sort_field=sort_field, sort_order="asc")
+        try:
+            data = self._request("GET", f"/pages/{_segment(scene)}/views/{_segment(view)}/records", what,
+                                 params=params)
+        except KnackHTTPError as exc:
+            if exc.status in (401, 403):
+                raise ConfigError(f"{exc} (check KNACK_API_KEY and KNACK_APP_ID)") from None
+            raise
+        if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+            raise self._outage(what, "reply has no records list")
+        total_pages = _count(data.get("total_pages"))
+        if total_pages is None:
+            raise self._outage(what, "total_pages is not a number")
+        records = [record for record in data["records"]
+                   if isinstance(record, dict) and isinstance(record.get("id"), str) and record["id"]]
+        return Page(records=records, total_pages=total_pages, total_records=_count(data.get("total_records")))
+
     def ready_records(self, scene: str, view: str, emi_field: str, status_field: str) -> list[dict]:
         """Every READY_TO_SEND record with an EMI id, from all pages.
 
@@ -361,7 +509,6 @@ class KnackClient:
         badly. Paging past the run's --max-runtime is an OutageError instead: no record could be sent after
         it anyway, and a run that only ever reads must not exit 0.
         """
-        filters = _ready_filters(emi_field, status_field)
         records: dict[str, dict] = {}
         page, last_page = 1, MAX_PAGES
         while True:
@@ -372,34 +519,22 @@ class KnackClient:
                 budget = self._stop.work_deadline - self._stop.started
                 raise self._outage(what, f"not read: the time budget (--max-runtime {budget:g}s) was spent "
                                          f"reading records ({len(records)} read in {page - 1} page(s))")
-            try:
-                data = self._request("GET", f"/pages/{_segment(scene)}/views/{_segment(view)}/records", what,
-                                     params={"filters": filters, "rows_per_page": ROWS_PER_PAGE, "page": page})
-            except KnackHTTPError as exc:
-                if exc.status in (401, 403):
-                    raise ConfigError(f"{exc} (check KNACK_API_KEY and KNACK_APP_ID)") from None
-                raise
-            if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-                raise self._outage(what, "reply has no records list")
+            answer = self._ready_page(scene, view, emi_field, status_field, page, None)
             new = 0
-            for record in data["records"]:
-                if isinstance(record, dict) and isinstance(record.get("id"), str) and record["id"]:
-                    if record["id"] not in records:
-                        records[record["id"]] = record
-                        new += 1
-            total_pages = _count(data.get("total_pages"))
-            if total_pages is None:
-                raise self._outage(what, "total_pages is not a number")
-            if page >= total_pages or not data["records"]:
+            for record in answer.records:
+                if record["id"] not in records:
+                    records[record["id"]] = record
+                    new += 1
+            if page >= answer.total_pages:
                 return list(records.values())
             if page == 1:
-                last_page = _plausible_pages(data, len(data["records"]))
-                if total_pages > last_page:
-                    self._log(f"WARNING: Knack {what}: says {total_pages} pages for "
-                              f"{_count(data.get('total_records'))} records; reading at most {last_page}")
-            if new == 0:
+                last_page = _plausible_pages(answer.total_records, len(answer.records))
+                if answer.total_pages > last_page:
+                    self._log(f"WARNING: Knack {what}: says {answer.total_pages} pages for "
+                              f"{answer.total_records} records; reading at most {last_page}")
+            if new == 0:  # an empty page before the last one too: Knack's count and its pages disagree
                 self._log(f"WARNING: Knack {what}: brought no record not seen on an earlier page (Knack says "
-                          f"{total_pages} pages); paging stopped, {len(records)} record(s) read, "
+                          f"{answer.total_pages} pages); paging stopped, {len(records)} record(s) read, "
                           "the others wait for the next run")
                 return list(records.values())
             if page >= last_page:
@@ -463,12 +598,22 @@ class AppSchema:
     timezone_name: str | None
 
 
+@dataclass(frozen=True)
+class Page:
+    """One page of a view's records as Knack answered it."""
+
+    records: list[dict]        # only records with an id (a non-empty text), in Knack's order
+    total_pages: int           # Knack's count for the whole filter (0 when nothing matches)
+    total_records: int | None  # Knack's count, None when it is not a number
+
+
 class _Unusable(Exception):
     pass
 
 
-def _app_schema(data: object, obj: str, view: str) -> AppSchema:
-    """The scene of the view, the object's field types and the timezone, from Knack's metadata answer.
+def app_schema_from(data: object, obj: str, view: str) -> AppSchema:
+    """The scene of the view, the object's field types and the timezone, from Knack's metadata answer (as
+    KnackClient.app_metadata returns it, fresh or cached).
 
     Metadata of the wrong shape is Knack's (or a proxy's) problem, not the operator's: an OutageError. Only a
     well-formed answer without the configured view or object is a ConfigError.
@@ -541,12 +686,16 @@ def _count(value: object) -> int | None:
     return max(number, 0)
 
 
-def _plausible_pages(first: dict, page_size: int) -> int:
+def _plausible_pages(total_records: int | None, page_size: int) -> int:
     """The most pages Knack's own record count allows (one more for a record added while paging)."""
-    total_records = _count(first.get("total_records"))
     if not total_records or page_size <= 0:
         return MAX_PAGES
     return min(MAX_PAGES, math.ceil(total_records / page_size) + 1)
+
+
+def _daily_budget_spent(status: int, headers: Mapping[str, str]) -> bool:
+    """A 429 for the day, not for the second: Knack says so only in X-PlanLimit-Remaining (its body is no contract)."""
+    return status == 429 and str(headers.get("X-PlanLimit-Remaining", "")).strip() == "0"
 
 
 def _after(call: _Call) -> str:

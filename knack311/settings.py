@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from urllib3.util import parse_url
 
+from . import pacing
 from .errors import ConfigError
 from .esb import tls_context
 
@@ -32,6 +33,7 @@ TEMPLATE_FIELDS = {
 }
 
 DEFAULT_MAX_RUNTIME = 240.0  # seconds: finish inside a 5-minute scheduler timeout
+MAX_PLAN_RESERVE = 999_999_999  # daily calls: Knack's largest plan has 25,000; more digits is a typo
 KNACK_RPS_RANGE = (0.1, 50.0)  # Knack allows an app 10 requests a second; beyond 50 is a typo, below 0.1 a stall
 MAX_WORKERS = 32
 # Records delivered at once (--workers). Each record waits for its ESB POST and then its Knack update, so one
@@ -71,6 +73,7 @@ class Settings:
     esb_key_password: str = field(default="", repr=False)  # decrypts an encrypted ESB_KEY; never printed
     workers: int = DEFAULT_WORKERS
     esb_max_in_flight: int | None = None  # ESB_MAX_IN_FLIGHT; None: as many as workers
+    knack_plan_reserve: int | None = None  # KNACK_PLAN_RESERVE; None: 10% of Knack's daily plan limit
 
     @property
     def esb_in_flight(self) -> int:
@@ -136,10 +139,11 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
     esb_endpoint = _esb_endpoint(env["ESB_ENDPOINT"].strip())
 
     esb_timeout = _positive_number(env, "ESB_TIMEOUT", 30.0)
-    knack_max_rps = _positive_number(env, "KNACK_MAX_RPS", 8.0)
+    knack_max_rps = _positive_number(env, "KNACK_MAX_RPS", pacing.DEFAULT_MAX_RPS)
     if not KNACK_RPS_RANGE[0] <= knack_max_rps <= KNACK_RPS_RANGE[1]:
         raise ConfigError(f"KNACK_MAX_RPS must be between {KNACK_RPS_RANGE[0]:g} and {KNACK_RPS_RANGE[1]:g} requests "
                           f"a second (Knack allows an app 10), not {env['KNACK_MAX_RPS'].strip()!r}")
+    knack_plan_reserve = _plan_reserve(env)
 
     verify_flag = env.get("ESB_VERIFY_TLS", "").strip().lower()
     if verify_flag not in ("", "true", "1", "yes", "false", "0", "no"):
@@ -178,7 +182,7 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
         knack_api_url=knack_api_url, knack_max_rps=knack_max_rps, esb_endpoint=esb_endpoint,
         esb_cert=esb_cert, esb_key=esb_key, esb_verify=esb_verify, esb_timeout=esb_timeout,
         state_dir=state_dir, dry_run=dry_run, max_runtime=max_runtime, esb_key_password=esb_key_password,
-        workers=workers, esb_max_in_flight=esb_max_in_flight,
+        workers=workers, esb_max_in_flight=esb_max_in_flight, knack_plan_reserve=knack_plan_reserve,
     )
 
 
@@ -260,6 +264,20 @@ def _count_setting(env: dict[str, str], name: str, most: int) -> int | None:
         return None
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= most:
         raise ConfigError(f"{name} must be a whole number from 1 to {most}, not {text!r}")
+    return int(text)
+
+
+def _plan_reserve(env: dict[str, str]) -> int | None:
+    """KNACK_PLAN_RESERVE: the daily Knack calls to leave for the app's other users (a whole number, 0 allowed);
+    None when unset, for the pacer's default share of the plan's limit."""
+    text = env.get("KNACK_PLAN_RESERVE", "").strip()
+    if not text:
+        return None
+    # the length first: int() of thousands of digits raises instead of answering
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_PLAN_RESERVE)) \
+            or int(text) > MAX_PLAN_RESERVE:
+        raise ConfigError("KNACK_PLAN_RESERVE must be a whole number of daily Knack calls (0 or more) to leave for "
+                          f"the app's other users, or empty for 10% of the plan's daily limit, not {text[:40]!r}")
     return int(text)
 
 

@@ -6,15 +6,26 @@ The end-to-end versions of these, through the real command, are in test_knack_fa
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 import time
 
 import pytest
+import requests
 
 from config import CONFIG
 from knack311.errors import ConfigError, OutageError
-from knack311.knack import MAX_ANSWER_BYTES, KnackClient, KnackHTTPError, RecordGone
+from knack311.knack import (
+    MAX_ANSWER_BYTES,
+    ROWS_PER_PAGE,
+    KnackBudgetSpent,
+    KnackClient,
+    KnackHTTPError,
+    Page,
+    RecordGone,
+    app_schema_from,
+)
 from knack311.stopping import Stop
 from simulators.activities import app_metadata
 from tests.conftest import API_KEY, APP_ID, Seeder, make_knack
@@ -24,6 +35,7 @@ OBJ, VIEW = APP["obj"], APP["view"]
 FIELDS = APP["fields"]
 STATUS = FIELDS["esb_status"]
 EMI = FIELDS["emi_id"]
+ATD = FIELDS["atd_activity_id"]
 
 
 @pytest.fixture
@@ -52,8 +64,8 @@ def client(knack, lines):
     made = []
 
     def make(url: str | None = None, *, timeout: float = 2.0, stop: Stop | None = None, **kwargs) -> KnackClient:
-        c = KnackClient(url or knack.url, APP_ID, API_KEY, timeout=timeout, max_rps=50, stop=stop,
-                        log=lines.append, **kwargs)
+        kwargs.setdefault("max_rps", 50)
+        c = KnackClient(url or knack.url, APP_ID, API_KEY, timeout=timeout, stop=stop, log=lines.append, **kwargs)
         made.append(c)
         return c
 
@@ -430,3 +442,205 @@ def test_ready_count_refused_names_the_key_and_app_id(knack):
     wrong = KnackClient(knack.url, APP_ID, "not-the-key", timeout=2, max_rps=50)
     with pytest.raises(ConfigError, match=r"HTTP 401.*KNACK_API_KEY and KNACK_APP_ID"):
         wrong.ready_count("scene_1", VIEW, EMI, STATUS)
+
+
+# ----- pacing: every attempt, retries included, takes a slot of the client's Pacer --------------------------------
+
+def _arrivals(sim, part: str = "") -> list[float]:
+    return sorted(r.at for r in sim.request_log if part in r.path)
+
+
+def test_a_burst_from_several_threads_with_retries_stays_within_knacks_second(client):
+    with make_knack(rate_limit=10, plan_limit=None) as sim:
+        records = Seeder(sim)(40)
+        for record in records[::8]:  # five requests that fail once: their retries come inside the burst
+            sim.inject("GET", record["id"], status=503)
+        c = client(sim.url, timeout=20, max_rps=10)
+        seen: dict[str, str] = {}
+
+        def read(batch):
+            for record in batch:
+                seen[record["id"]] = c.record_status(OBJ, record["id"], STATUS)
+
+        threads = [threading.Thread(target=read, args=(records[i::4],)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        assert seen == {r["id"]: "READY_TO_SEND" for r in records}
+        answers = [r.status for r in sim.request_log]
+        assert answers.count(503) == 5 and answers.count(200) == 40
+        assert answers.count(429) <= 2 and c.throttled == answers.count(429)
+
+
+def test_a_retry_waits_for_its_own_pacer_slot(knack, seed, client):
+    [record] = seed(1)
+    knack.inject("GET", record["id"], status=503)
+    c = client(timeout=5, max_rps=2)  # a slot every 0.5 s; urllib3's first retry has no backoff of its own
+
+    assert c.record_status(OBJ, record["id"], STATUS) == "READY_TO_SEND"
+
+    first, retry = _arrivals(knack, record["id"])
+    assert retry - first >= 0.45
+
+
+def test_a_429_holds_the_next_attempt_until_knacks_second_resets(client):
+    with make_knack(rate_limit=3, plan_limit=None) as sim:
+        [record] = Seeder(sim)(1)
+        for _ in range(3):  # another client of the app takes the whole second
+            assert requests.get(f"{sim.url}/applications/{APP_ID}", timeout=5).status_code == 200
+        c = client(sim.url, timeout=10)
+
+        assert c.record_status(OBJ, record["id"], STATUS) == "READY_TO_SEND"
+
+        # without the pause the retry would come at once, into the same second, and be refused again
+        assert [r.status for r in sim.request_log if record["id"] in r.path] == [429, 200]
+        assert c.throttled == 1
+
+
+def test_a_write_after_a_stop_signal_goes_at_once_and_a_read_does_not_start(knack, seed, client):
+    first, second = seed(2)
+    stop = Stop()
+    c = client(timeout=5, max_rps=0.25, stop=stop)  # the next slot would be 4 s away
+    c.record_status(OBJ, first["id"], STATUS)
+    stop.request("SIGTERM")
+
+    started = time.monotonic()
+    c.set_status(OBJ, second["id"], STATUS, "SENT")
+    assert time.monotonic() - started < 1
+    assert knack.record(OBJ, second["id"])[f"{STATUS}_raw"] == "SENT"
+
+    with pytest.raises(OutageError, match="not started: SIGTERM received"):
+        c.record_status(OBJ, first["id"], STATUS)
+    assert len(knack.request_log) == 2
+
+
+def test_a_request_whose_slot_is_past_the_runs_deadline_is_not_started(knack, seed, client):
+    [record] = seed(1)
+    c = client(timeout=1, max_rps=0.2, stop=Stop(max_runtime=0.5, request_timeout=1))  # slots 5 s apart
+    c.record_status(OBJ, record["id"], STATUS)
+
+    started = time.monotonic()
+    with pytest.raises(OutageError, match=r"not started: the run's time \(--max-runtime \+ ESB_TIMEOUT\) is up"):
+        c.record_status(OBJ, record["id"], STATUS)
+    assert time.monotonic() - started < 0.5  # nothing waited for a slot it could not use
+    assert len(knack.request_log) == 1
+
+
+# ----- the daily budget -----------------------------------------------------------------------------------------
+
+def test_calls_left_today_follows_x_planlimit_remaining(knack, seed, client):
+    knack.plan_limit, knack.plan_used = 1000, 100
+    records = seed(2)
+    c = client()
+    assert c.calls_left_today() is None  # nothing answered yet
+
+    c.app_metadata()
+    assert c.calls_left_today() == 899 == knack.plan_remaining()
+    for record in records:
+        c.record_status(OBJ, record["id"], STATUS)
+    knack.plan_used += 50  # the app's other users
+    c.app_metadata()
+
+    assert c.calls_left_today() == 846 == knack.plan_remaining()
+    budget = c.plan_budget()
+    assert (budget.limit, budget.remaining, budget.reserve) == (1000, 846, 100)
+
+
+def test_a_spent_daily_budget_is_one_request_no_retry_and_says_when_it_resets(client):
+    resets_at = (int(time.time()) // 3600 + 2) * 3600
+    with make_knack(rate_limit=None, plan_limit=1000, plan_used=1000, plan_reset_at=resets_at) as sim:
+        [record] = Seeder(sim)(1)
+        c = client(sim.url, timeout=10)
+
+        with pytest.raises(KnackBudgetSpent) as spent:
+            c.record_status(OBJ, record["id"], STATUS)
+        with pytest.raises(KnackBudgetSpent) as again:  # known now: not even asked
+            c.set_status(OBJ, record["id"], STATUS, "SENT")
+
+        assert len(sim.request_log) == 1 and sim.request_log[0].status == 429
+        reset = dt.datetime.fromtimestamp(resets_at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for failure in (spent.value, again.value):
+            assert isinstance(failure, OutageError)
+            assert "calls left: 0 of 1000" in str(failure) and f"resets at {reset}" in str(failure), str(failure)
+        assert c.calls_left_today() == 0 and c.throttled == 1
+        assert sim.record(OBJ, record["id"])[f"{STATUS}_raw"] == "READY_TO_SEND"
+
+
+def test_no_record_may_start_once_it_would_eat_into_the_reserve(knack, seed, client):
+    knack.plan_limit, knack.plan_used = 1000, 880
+    default, strict = client(), client(plan_reserve=200)
+    assert default.may_start_record() and strict.may_start_record()  # the budget is not known yet
+
+    default.app_metadata()  # 119 left; the reserve is 10% of 1000
+    assert default.calls_left_today() == 119
+    assert default.may_start_record()
+    assert default.may_start_record(in_flight=18)      # 119 - 19 leaves the 100
+    assert not default.may_start_record(in_flight=19)  # 119 - 20 would not
+
+    strict.app_metadata()  # 118 left, under its 200
+    assert not strict.may_start_record()
+    assert strict.plan_budget().reserve == 200
+
+
+# ----- one page of the records to send, sorted ------------------------------------------------------------------
+
+def test_ready_page_sorts_by_the_given_field_and_reports_the_pages(client):
+    with make_knack(rate_limit=None, max_rows_per_page=10) as sim:
+        seed = Seeder(sim)
+        for n in range(125, 100, -1):  # added in the opposite order
+            seed(1, atd_activity_id=n)
+        seed(2, esb_status="SENT")
+        c = client(sim.url)
+
+        first = c.ready_page("scene_1", VIEW, EMI, STATUS, 1, ATD)
+        last = c.ready_page("scene_1", VIEW, EMI, STATUS, 3, ATD)
+
+        assert [r[f"{ATD}_raw"] for r in first.records] == list(range(101, 111))
+        assert [r[f"{ATD}_raw"] for r in last.records] == list(range(121, 126))
+        assert (first.total_pages, first.total_records) == (3, 25) == (last.total_pages, last.total_records)
+        query = sim.request_log[0].query
+        assert (query["sort_field"], query["sort_order"], query["page"]) == (ATD, "asc", "1")
+        assert query["rows_per_page"] == str(ROWS_PER_PAGE)
+        c.ready_records("scene_1", VIEW, EMI, STATUS)
+        assert query["filters"] == sim.request_log[-1].query["filters"]  # ready_records' own filter
+
+
+def test_ready_page_keeps_only_records_with_an_id(knack, client):
+    good = {"id": "rec1", STATUS: "READY_TO_SEND"}
+    knack.inject("GET", "/views/", status=200, body=json.dumps({
+        "total_pages": "2", "total_records": "many", "records": [good, {"id": ""}, {"id": 7}, "rec2", None]}))
+    assert client().ready_page("scene_1", VIEW, EMI, STATUS, 1, ATD) == Page(records=[good], total_pages=2,
+                                                                               total_records=None)
+
+
+@pytest.mark.parametrize("answer, problem", [
+    ({"total_pages": 1, "records": {"id": "rec1"}}, "no records list"),
+    ({"total_pages": 1}, "no records list"),
+    ({"total_pages": "two", "records": []}, "total_pages is not a number"),
+    ({"total_pages": True, "records": []}, "total_pages is not a number"),
+], ids=["records-object", "no-records", "pages-text", "pages-bool"])
+def test_a_page_without_a_records_list_or_a_page_count_is_an_outage(knack, client, answer, problem):
+    knack.inject("GET", "/views/", status=200, body=json.dumps(answer))
+    with pytest.raises(OutageError, match=problem) as failed:
+        client().ready_page("scene_1", VIEW, EMI, STATUS, 1, ATD)
+    assert not isinstance(failed.value, ConfigError)
+
+
+def test_ready_page_refused_names_the_key_and_app_id(knack):
+    wrong = KnackClient(knack.url, APP_ID, "not-the-key", timeout=2, max_rps=50)
+    try:
+        with pytest.raises(ConfigError, match=r"HTTP 401.*KNACK_API_KEY and KNACK_APP_ID"):
+            wrong.ready_page("scene_1", VIEW, EMI, STATUS, 1, ATD)
+    finally:
+        wrong.close()
+
+
+def test_app_schema_from_cached_metadata_is_what_the_client_reads(knack, client):
+    c = client()
+    cached = json.loads(json.dumps(c.app_metadata()))  # as a cache would hold it
+    assert app_schema_from(cached, OBJ, VIEW) == c.app_schema(OBJ, VIEW)
+    assert app_schema_from(cached, OBJ, VIEW).scene == "scene_1"
+    with pytest.raises(ConfigError, match="view_0"):
+        app_schema_from(cached, OBJ, "view_0")

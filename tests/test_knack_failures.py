@@ -408,8 +408,9 @@ SECRET_LOOKING = "s3cr3t-\u043a\u043b\u044e\u0447"  # non-Latin-1: an HTTP heade
     ({"KNACK_APP_ID": "5d79512148c4af00106d1507\r\nX-Injected: yes"}, "KNACK_APP_ID", "X-Injected"),
     ({"KNACK_MAX_RPS": "51"}, "KNACK_MAX_RPS", None),
     ({"KNACK_MAX_RPS": "0.05"}, "KNACK_MAX_RPS", None),
+    ({"KNACK_PLAN_RESERVE": "10%"}, "KNACK_PLAN_RESERVE", None),
 ], ids=["ipv6-unclosed", "port-out-of-range", "space-in-host", "key-with-newline", "key-non-latin-1",
-        "app-id-with-crlf", "rps-above-50", "rps-below-0.1"])
+        "app-id-with-crlf", "rps-above-50", "rps-below-0.1", "plan-reserve-percent"])
 def test_knack_settings_that_cannot_work_are_exit_2_naming_the_variable_before_any_request(
         bridge, knack, esb, seed, env, named, hidden):
     records = seed(1)

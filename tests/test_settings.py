@@ -198,7 +198,7 @@ def test_knack_max_rps_outside_0_1_to_50_is_a_config_error(env, value):
     assert "KNACK_MAX_RPS" in str(err.value) and "0.1" in str(err.value) and "50" in str(err.value)
 
 
-@pytest.mark.parametrize("value, expected", [("0.1", 0.1), ("50", 50.0), ("8", 8.0), ("", 8.0)])
+@pytest.mark.parametrize("value, expected", [("0.1", 0.1), ("50", 50.0), ("8", 8.0), ("", 9.5)])
 def test_knack_max_rps_within_bounds_is_kept(env, value, expected):
     env["KNACK_MAX_RPS"] = value
     assert load_settings("data-tracker", env, config.CONFIG).knack_max_rps == expected
@@ -357,6 +357,25 @@ def test_esb_max_in_flight_bounds_the_posts_never_beyond_the_workers(env, value,
 def test_esb_max_in_flight_must_be_a_whole_number_in_range(env, value):
     env["ESB_MAX_IN_FLIGHT"] = value
     with pytest.raises(ConfigError, match="ESB_MAX_IN_FLIGHT"):
+        load_settings("data-tracker", env, config.CONFIG)
+
+
+@pytest.mark.parametrize("value, expected", [("", None), ("  ", None), ("0", 0), ("250", 250), (" 1000 ", 1000),
+                                             ("999999999", 999_999_999)])
+def test_knack_plan_reserve_is_a_whole_number_of_calls_or_unset(env, value, expected):
+    env["KNACK_PLAN_RESERVE"] = value
+    assert load_settings("data-tracker", env, config.CONFIG).knack_plan_reserve == expected
+
+
+def test_knack_plan_reserve_unset_leaves_the_share_to_the_pacer(env):
+    env.pop("KNACK_PLAN_RESERVE", None)
+    assert load_settings("data-tracker", env, config.CONFIG).knack_plan_reserve is None
+
+
+@pytest.mark.parametrize("value", ["-1", "2.5", "10%", "ten", "1e3", "\u00b2", "1000000000", "9" * 5000])
+def test_knack_plan_reserve_that_is_no_whole_number_of_calls_is_a_config_error(env, value):
+    env["KNACK_PLAN_RESERVE"] = value
+    with pytest.raises(ConfigError, match="KNACK_PLAN_RESERVE"):
         load_settings("data-tracker", env, config.CONFIG)
 
 
