@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
 from .delivery import ESBSlots, ESBTrouble, Outcome, RecordSender, Result, when
@@ -27,9 +27,11 @@ from .esb import ESBClient
 from .fields import activity_from_record, format_value, resolve_timezone
 from .healthcheck import Healthcheck
 from .journal import DONE, Journal, JournalError, RunLock, journal_path, prepare_state_dir
-from .knack import READY_TO_SEND, SENT, KnackClient
+from .knack import READY_TO_SEND, SENT, AppSchema, KnackClient, KnackHTTPError, app_schema_from
+from .listing import Listing
 from .logs import EventLog, progress_reader
 from .message import Activity
+from .metadata_cache import MetadataCache, load_or_fetch, missing_from
 from .metrics import MetricsFile
 from .outcomes import (
     COUNT_NAMES,
@@ -168,7 +170,8 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
                             key_password=settings.esb_key_password, verify=settings.esb_verify,
                             timeout=settings.esb_timeout, stop=stop)
         knack = KnackClient(settings.knack_api_url, settings.knack_app_id, settings.knack_api_key,
-                            timeout=settings.esb_timeout, max_rps=settings.knack_max_rps, stop=stop,
+                            timeout=settings.esb_timeout, max_rps=settings.knack_max_rps,
+                            plan_reserve=settings.knack_plan_reserve, stop=stop,
                             log=lambda line: _knack_said(emit, line))
         try:
             _process(settings, knack, esb, journal, readers, out, summary, stop, run_id)
@@ -232,41 +235,87 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
              readers: Readers, out: TextIO, summary: Summary, stop: Stop, run_id: int | None) -> None:
     app = settings.app
     emit = readers.emit
-    schema = knack.app_schema(app.obj, app.view)
+    metadata = _Metadata(settings, knack)
+    schema = metadata.schema()
     missing = [f"{key} ({variable})" for variable, key in app.fields.items()
                if variable != "id" and key not in schema.field_types]
     if missing:
         raise ConfigError(f"config.py {app.name!r}: field(s) not in Knack object {app.obj}: {', '.join(missing)}")
     tz = resolve_timezone(schema.timezone_name, app.timezone)
 
-    records = knack.ready_records(schema.scene, app.view, app.fields["emi_id"], app.fields["esb_status"])
-    records.sort(key=lambda r: _order_key(r, app.fields["atd_activity_id"]))
-    summary.fetched = len(records)
+    def fetch(page: int) -> tuple[list[dict], int, int | None]:
+        try:
+            read = knack.ready_page(metadata.scene, app.view, app.fields["emi_id"], app.fields["esb_status"], page,
+                                    sort_field=app.fields["atd_activity_id"])
+        except KnackHTTPError as exc:
+            # a view moved to another scene in the builder: the cached metadata names the old one
+            if exc.status not in (400, 404) or not metadata.refresh():
+                raise
+            read = knack.ready_page(metadata.scene, app.view, app.fields["emi_id"], app.fields["esb_status"], page,
+                                    sort_field=app.fields["atd_activity_id"])
+        return read.records, read.total_pages, read.total_records
 
-    # Knack's view filter is not to be trusted alone (seen: a view answering without applying it): a record
-    # that does not say READY_TO_SEND itself is never posted, whatever the listing says.
-    ready = []
-    status_key = app.fields["esb_status"]
-    for record in records:
-        status = _field_text(record, status_key, schema.field_types, tz)
-        if status is not None and status != READY_TO_SEND:
-            summary.skipped += 1
-            emit("skipped", f"Knack says {status_key} is {status!r}, not {READY_TO_SEND} (the view answered without "
-                 "its filter?); not sent", level=WARNING, record_id=str(record.get("id", "")),
-                 sr_number=_field_text(record, app.fields["sr_number"], schema.field_types, tz) or "")
-        else:
-            ready.append(record)
-    readers.planned(len(ready))
+    listing = Listing(fetch, key=lambda r: _order_key(r, app.fields["atd_activity_id"]),
+                      log=lambda line: _knack_said(emit, line), sequential=settings.dry_run)
+    slots = ESBSlots(settings.esb_in_flight, stop) if esb is not None else None
+    sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_slots=slots)
+    loop = SendLoop(settings, sender, journal, emit, summary, stop, run_id, schema.field_types, tz,
+                    esb_slots=slots, budget=knack)
+    loop.run(listing, readers.planned)
 
-    if journal is not None:
-        ready_ids = {str(r.get("id", "")) for r in ready}
+    if journal is not None and listing.complete and not stop.stopped:
+        # only a complete listing tells which records are no longer ready
+        ready_ids = listing.seen - loop.skipped_ids
         _close_confirmed(journal, knack, settings, ready_ids, emit, stop)
         journal.clear_failures_except(ready_ids)
 
-    slots = ESBSlots(settings.esb_in_flight, stop) if esb is not None else None
-    sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_slots=slots)
-    SendLoop(settings, sender, journal, emit, summary, stop, run_id, schema.field_types, tz,
-             esb_slots=slots).run(ready)
+
+class _Metadata:
+    """The app metadata, from the cache in STATE_DIR when it is fresh and describes the configured view, object
+    and fields (metadata_cache.py), else fetched. A dry run, which keeps no state, always fetches."""
+
+    def __init__(self, settings: Settings, knack: KnackClient):
+        app = settings.app
+        self._knack = knack
+        self._obj, self._view = app.obj, app.view
+        self._fields = [key for variable, key in app.fields.items() if variable != "id"]
+        self._cache = None if settings.dry_run else MetadataCache(settings.state_dir, app.name, settings.knack_app_id)
+        self.from_cache = False
+        self.scene = ""
+
+    def schema(self) -> AppSchema:
+        if self._cache is None:
+            return self._take(self._knack.app_metadata())
+        data, self.from_cache = load_or_fetch(self._cache, self._knack.app_metadata, self._fits)
+        try:
+            return self._take(data)
+        except OutageError:
+            if not self.from_cache:
+                raise
+            return self._fresh()  # a cached copy that cannot be read is no reason to fail
+
+    def refresh(self) -> bool:
+        """Fetch afresh when the schema came from the cache (True); False when it was fresh already."""
+        if not self.from_cache:
+            return False
+        self._fresh()
+        return True
+
+    def _fresh(self) -> AppSchema:
+        self._cache.forget()
+        data, self.from_cache = self._knack.app_metadata(), False
+        schema = self._take(data)
+        if isinstance(data, dict):
+            self._cache.store(data)
+        return schema
+
+    def _fits(self, data: dict) -> bool:
+        return not missing_from(data, view=self._view, obj=self._obj, fields=self._fields)
+
+    def _take(self, data: object) -> AppSchema:
+        schema = app_schema_from(data, self._obj, self._view)
+        self.scene = schema.scene
+        return schema
 
 
 def _close_confirmed(journal: Journal, knack: KnackClient, settings: Settings, ready_ids: set[str], emit,
@@ -332,8 +381,13 @@ class SendLoop:
 
     def __init__(self, settings: Settings, sender: RecordSender, journal: Journal | None, emit, summary: Summary,
                  stop: Stop, run_id: int | None, field_types: dict[str, str], tz: ZoneInfo,
-                 esb_slots: ESBSlots | None = None):
+                 esb_slots: ESBSlots | None = None, budget: KnackClient | None = None):
         self.settings = settings
+        self.budget = budget  # the Knack client: whether the app's daily calls allow another record
+        self.skipped_ids: set[str] = set()
+        self.low_water = 2 * settings.workers  # records waiting to start below which the next page is read
+        self._arrivals = 0
+        self._finished_since_read = 0
         self.workers = settings.workers
         self.sender = sender
         self.journal = journal
@@ -347,13 +401,81 @@ class SendLoop:
         self.unmarked: list[tuple[Activity, Result]] = []
         self.unreachable_streak = self.no_answer_streak = self.knack_down_streak = 0
 
-    def run(self, records: list[dict]) -> None:
+    def run(self, listing: Listing, planned: Callable[[int], None] = lambda total: None) -> None:
+        """Deliver the ready records as the listing reads them, page by page."""
+        self._listing, self._planned = listing, planned
         scheduler = Scheduler()
-        for position, record in enumerate(records):
-            self._plan(scheduler, position, record)
-        scheduler.listed_all()  # every ready record was read before the first status changes
         self._leave(self._deliver(scheduler))
         self._retry_unmarked()
+
+    def _read(self, scheduler: Scheduler, settled: bool) -> None:
+        """The next page: its new records checked, rendered and added to the scheduler. A read that fails stops
+        the run (nothing new starts) while the records in flight finish."""
+        listing = self._listing
+        first = listing.reads == 0
+        try:
+            read = listing.read(settled)
+        except OutageError as exc:
+            self.summary.stop_reason = self.summary.stop_reason or _stop_reason(self.stop, str(exc))
+            if self.stop.stopped:
+                self.emit("stopped", f"stopped by {self.stop.signal_name} during: {exc}", level=WARNING)
+            else:
+                self.emit("outage", str(exc), level=ERROR)
+            return
+        self._finished_since_read = 0
+        skipped = 0
+        for record in read.records:
+            self.summary.fetched += 1
+            if self._skip(record):
+                skipped += 1
+                continue
+            self._plan(scheduler, self._arrivals, record)
+            self._arrivals += 1
+        if first:
+            total = read.total_records if read.total_records is not None else len(read.records)
+            self._planned(max(0, total - skipped))
+        if read.listed_all:
+            scheduler.listed_all()
+        elif read.listed_through is not None:
+            scheduler.listed_through(read.listed_through)
+
+    def _skip(self, record: dict) -> bool:
+        """Knack's view filter is not to be trusted alone (seen: a view answering without applying it): a record
+        that does not say READY_TO_SEND itself is never posted, whatever the listing says."""
+        app = self.settings.app
+        status_key = app.fields["esb_status"]
+        status = _field_text(record, status_key, self.field_types, self.tz)
+        if status is None or status == READY_TO_SEND:
+            return False
+        self.summary.skipped += 1
+        self.skipped_ids.add(str(record.get("id", "")))
+        self.emit("skipped", f"Knack says {status_key} is {status!r}, not {READY_TO_SEND} (the view answered without "
+                  "its filter?); not sent", level=WARNING, record_id=str(record.get("id", "")),
+                  sr_number=_field_text(record, app.fields["sr_number"], self.field_types, self.tz) or "")
+        return True
+
+    def _wants_more(self, scheduler: Scheduler, startable: list, in_flight: dict) -> bool:
+        """Read the next page when the records waiting run low and a record finished since the last read (page 1
+        read again before that would bring nothing new), or when nothing is left to wait for."""
+        if self._listing.complete:
+            return False
+        if scheduler.waiting + len(startable) >= self.low_water:
+            return False
+        return self._finished_since_read > 0 or not in_flight or self._listing.reads == 0
+
+    def _may_start(self, in_flight: int) -> bool:
+        """Whether the app's daily Knack budget allows one more record (its status update) and leaves the reserve
+        for the app's other users. No: the run stops starting records, loudly."""
+        may = getattr(self.budget, "may_start_record", None)
+        if may is None or may(in_flight=in_flight):
+            return True
+        if not self.summary.stop_reason:
+            budget = self.budget.plan_budget()
+            self.summary.stop_reason = "the app's daily Knack API budget is down to its reserve"
+            self.emit("daily_budget", f"the app's daily Knack API budget is down to the calls kept for its other "
+                      f"users ({budget.describe()}); no new record starts, the rest wait for the next run after "
+                      "the reset (or set KNACK_PLAN_RESERVE lower)", level=ERROR)
+        return False
 
     def _plan(self, scheduler: Scheduler, position: int, record: dict) -> None:
         """Read, check and render one record; one that cannot go is reported now and still holds its SR's later
@@ -391,18 +513,20 @@ class SendLoop:
         """Start what the scheduler allows, at most `workers` at once, until done or stopping; returns the number
         of records that were not started."""
         pool = _InPlace() if self.settings.dry_run else ThreadPoolExecutor(self.workers, "knack311-deliver")
-        startable: list[tuple[int, ScheduledRecord]] = []  # handed out by the scheduler, waiting for a worker
+        startable: list[tuple[Any, int, ScheduledRecord]] = []  # handed out by the scheduler, waiting for a worker
         in_flight: dict[Future, ScheduledRecord] = {}
         not_started = 0
         told = abandoned = False
         try:
             while True:
+                if not self._stopping() and self._wants_more(scheduler, startable, in_flight):
+                    self._read(scheduler, settled=not in_flight)
                 if not self._stopping():
                     for record in scheduler.ready():
-                        heapq.heappush(startable, (record.payload.position, record))
+                        heapq.heappush(startable, (record.order_key, record.payload.position, record))
                     self._held(scheduler.take_held())
-                    while startable and len(in_flight) < self.workers:
-                        record = heapq.heappop(startable)[1]
+                    while startable and len(in_flight) < self.workers and self._may_start(len(in_flight)):
+                        record = heapq.heappop(startable)[2]
                         in_flight[pool.submit(self._one, record.payload)] = record
                 elif in_flight and self.stop.stopped:
                     if not told:
@@ -414,10 +538,15 @@ class SendLoop:
                         abandoned = True
                         break
                 if not in_flight:
-                    break
+                    if self._stopping() or self._listing.complete:
+                        break
+                    if not startable and not self._wants_more(scheduler, startable, in_flight):
+                        break  # defensive: nothing can start and nothing more would be read
+                    continue
                 finished, _ = wait(in_flight, timeout=POLL, return_when=FIRST_COMPLETED)
                 for future in sorted(finished, key=lambda f: in_flight[f].payload.position):
                     record = in_flight.pop(future)
+                    self._finished_since_read += 1
                     result = future.result()
                     # a record the ESB has is not a failure for 311's order, even if its status update failed
                     scheduler.done(record.record_id, failed=result.outcome in (Outcome.FAILED, Outcome.NOT_STARTED)
