@@ -1,7 +1,7 @@
 # knack-311: sends Knack 311 activities to the ESB. The scheduler runs one container per app every few minutes:
 #
 #   docker run --rm --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
-#     --env-file /etc/knack-311/knack-311.env \
+#     --env-file /etc/knack-311/data-tracker.env \
 #     -v /etc/knack-311/certs:/certs:ro \
 #     -v knack-311-state:/app/state \
 #     knack-311 data-tracker

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,13 +128,23 @@ def render_message(values: dict[str, str], publication_time: str) -> bytes:
     return body
 
 
-_parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
+# One parser per thread: lxml parsers must not be shared between threads (the run renders in its main thread and
+# in the delivery workers at once; a shared parser crashed the process with "double free or corruption").
+_parsers = threading.local()
+
+
+def _parser() -> etree.XMLParser:
+    parser = getattr(_parsers, "parser", None)
+    if parser is None:
+        parser = _parsers.parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                                                   huge_tree=False)
+    return parser
 
 
 def check_message(body: bytes) -> etree._Element:
     """Parse a rendered message; anything but a well-formed message of the expected shape is a RecordError."""
     try:
-        root = etree.fromstring(body, _parser)
+        root = etree.fromstring(body, _parser())
     except etree.XMLSyntaxError as exc:
         raise RecordError(f"rendered message is not well-formed XML: {exc}") from None
     names = tuple(etree.QName(el).localname for el in root.iter(etree.Element))

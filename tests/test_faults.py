@@ -655,7 +655,7 @@ def test_two_runs_started_together_one_waits_out_with_75(knack, esb, seed, bridg
 
 
 def test_a_second_run_while_one_is_active_sends_nothing(knack, esb, seed, bridge):
-    records = seed(10)
+    records = seed(10, sr_number="20-00000042")  # one service request: one after another, a few seconds
     esb.latency = 0.2
     first = bridge.start()
     assert wait_for(lambda: len(esb.received) >= 1, 30, first)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import jinja2.meta
 import pytest
@@ -345,3 +346,15 @@ def test_reference_filter_agrees_with_the_production():
     forbidden = [0x0, 0x8, 0xB, 0xC, 0xE, 0x1F, 0xD800, 0xDFFF, 0xFFFE, 0xFFFF]
     assert all(xml_char(chr(cp)) for cp in allowed)
     assert not any(xml_char(chr(cp)) for cp in forbidden)
+
+
+def test_messages_render_and_check_from_many_threads_at_once():
+    # The run renders in its main thread and in the delivery workers at the same time; an lxml parser shared
+    # between threads crashed the process ("double free or corruption"). Each thread must get the same bytes.
+    activities = [dataclasses.replace(ACTIVITY, activity_details=f"detail {n} <&> caf\u00e9 " * (n % 7 + 1))
+                  for n in range(400)]
+    expected = [render(a) for a in activities]
+
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(3):
+            assert list(pool.map(render, activities)) == expected

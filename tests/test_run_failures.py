@@ -24,10 +24,10 @@ from knack311 import run as run_module
 from knack311.errors import OutageError
 from knack311.esb import Delivery, ESBUncertain
 from knack311.journal import SENDING, Journal
-from knack311.knack import AppSchema
+from knack311.knack import Page
 from knack311.logs import printable as log_safe
 from knack311.settings import DEFAULT_WORKERS, Settings, load_app
-from simulators.activities import FIELD_TYPES, activity_record
+from simulators.activities import activity_record, app_metadata
 from simulators.esb import parse_message
 from tests.conftest import API_KEY, APP_ID, make_knack, statuses
 
@@ -563,15 +563,14 @@ class FakeKnack:
         self.stop = None
         self.updates: list[tuple[str, str]] = []
 
-    def app_schema(self, obj, view):
-        types = {FIELDS[name]: kind for name, kind in FIELD_TYPES[APP].items()}
-        return AppSchema(scene="scene_1", field_types=types, timezone_name="Central Time (US & Canada)")
+    def app_metadata(self):
+        return app_metadata(APP, CONFIG[APP], timezone="Central Time (US & Canada)")
 
-    def ready_records(self, *args):
+    def ready_page(self, scene, view, emi_field, status_field, page, sort_field):
         if self.stop_during == "read":
             self.stop.request("SIGTERM")
             raise OutageError("Knack view view_1653 records page 1: cut short (stop signal)")
-        return [dict(r) for r in self.records]
+        return Page([dict(r) for r in self.records], 1, len(self.records))
 
     def set_status(self, obj, record_id, status_field, status):
         self.updates.append((record_id, status))
