@@ -173,8 +173,9 @@ class RecordSender:
             return Result(Outcome.FAILED, f"{exc}: fix what the ESB names, then the next run sends it again")
         except ESBUncertain as exc:
             # stays "sending": the outcome is unknown; the note tells the next run why
+            # the signal is the reason only when it cut this POST short, not when it merely came meanwhile
             note = (f"this run was stopped by {self.stop.signal_name} before the ESB answered"
-                    if self.stop.stopped else str(exc))
+                    if exc.by_signal else str(exc))
             self.journal.set(record_id, SENDING, note=note)
             return Result(Outcome.FAILED, str(exc), esb=ESBTrouble.NO_ANSWER)
         except ESBUnreachable as exc:

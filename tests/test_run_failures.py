@@ -585,8 +585,9 @@ class FakeKnack:
 class FakeESB:
     """Stands in for ESBClient: accepts messages, and is cut short by a SIGTERM on the `cut`-th one."""
 
-    def __init__(self, cut: int):
+    def __init__(self, cut: int, *, timed_out: bool = False):
         self.cut = cut
+        self.timed_out = timed_out  # the `cut`-th POST ran out of time on its own while the signal came
         self.stop = None
         self.posted: list[str] = []
 
@@ -594,7 +595,10 @@ class FakeESB:
         self.posted.append(parse_message(body)["id"])
         if len(self.posted) == self.cut:
             self.stop.request("SIGTERM")
-            raise ESBUncertain("no answer from the ESB (cut short (stop signal)); it may have the message")
+            if self.timed_out:
+                raise ESBUncertain("POST to the ESB cut short (no complete answer within 5s); it may have the message")
+            raise ESBUncertain("POST to the ESB cut short (a stop signal came); it may have the message",
+                               by_signal=True)
         return Delivery(status=200, attempts=1)
 
     def close(self):
@@ -645,6 +649,15 @@ def test_a_post_cut_short_by_a_signal_stays_sending_and_the_summary_names_the_si
     assert "stopped by SIGTERM" in journal_rows(tmp_path / "state")[records[1]["id"]]["note"]
     assert (count(output, "sent"), count(output, "failed"), count(output, "not_attempted")) == (1, 1, 2)
     counts_add_up(output)
+
+
+def test_a_post_that_timed_out_as_the_signal_came_keeps_its_own_reason_in_the_journal(monkeypatch, tmp_path):
+    records = unit_records(2)
+    code, output = run_with_fakes(monkeypatch, tmp_path, FakeKnack(records), FakeESB(cut=1, timed_out=True))
+
+    assert code == 1
+    note = journal_rows(tmp_path / "state")[records[0]["id"]]["note"]
+    assert "no complete answer within 5s" in note and "SIGTERM" not in note
 
 
 def test_a_knack_read_cut_short_by_a_signal_is_reported_as_the_signal(monkeypatch, tmp_path):
