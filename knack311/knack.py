@@ -450,18 +450,24 @@ class KnackClient:
         """How many records wait to be sent (Knack's total_records for the filter ready_records uses; None when
         Knack's count is not a number), and the answer's headers (Knack's rate and daily plan limits): one
         request for a one-record page."""
-        what = f"view {view} records count"
+        data, headers = self._view_records(scene, view, f"view {view} records count",
+                                           {"filters": _ready_filters(emi_field, status_field),
+                                            "rows_per_page": 1, "page": 1})
+        return _count(data.get("total_records")), headers
+
+    def _view_records(self, scene: str, view: str, what: str,
+                      params: dict[str, object]) -> tuple[dict, Mapping[str, str]]:
+        """One GET of a view's records -> the answer (a dict holding a records list) and its headers."""
         try:
             data, headers = self._exchange("GET", f"/pages/{_segment(scene)}/views/{_segment(view)}/records", what,
-                                           params={"filters": _ready_filters(emi_field, status_field),
-                                                   "rows_per_page": 1, "page": 1})
+                                           params=params)
         except KnackHTTPError as exc:
             if exc.status in (401, 403):
                 raise ConfigError(f"{exc} (check KNACK_API_KEY and KNACK_APP_ID)") from None
             raise
         if not isinstance(data, dict) or not isinstance(data.get("records"), list):
             raise self._outage(what, "reply has no records list")
-        return _count(data.get("total_records")), headers
+        return data, headers
 
     def ready_page(self, scene: str, view: str, emi_field: str, status_field: str, page: int,
                    sort_field: str) -> Page:
@@ -480,15 +486,7 @@ class KnackClient:
                                      "rows_per_page": ROWS_PER_PAGE, "page": page}
         if sort_field:
             params.update(sort_field=sort_field, sort_order="asc")
-        try:
-            data = self._request("GET", f"/pages/{_segment(scene)}/views/{_segment(view)}/records", what,
-                                 params=params)
-        except KnackHTTPError as exc:
-            if exc.status in (401, 403):
-                raise ConfigError(f"{exc} (check KNACK_API_KEY and KNACK_APP_ID)") from None
-            raise
-        if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-            raise self._outage(what, "reply has no records list")
+        data, _ = self._view_records(scene, view, what, params)
         total_pages = _count(data.get("total_pages"))
         if total_pages is None:
             raise self._outage(what, "total_pages is not a number")
