@@ -1,4 +1,4 @@
-"""The Knack REST API: app metadata, a view's records (every page), one record's status, status updates.
+"""The Knack REST API: app metadata, a page of a view's records, one record's status, status updates.
 
 Knack allows an app 10 requests a second and answers 429 beyond; it also has bad moments (5xx, timeouts).
 Every attempt, urllib3's retries included, takes a slot of the client's pacing.Pacer (KNACK_MAX_RPS, slower
@@ -15,15 +15,15 @@ the stop grace, and no retry starts after a stop signal, past the run's deadline
 ESB_TIMEOUT. A request abandoned by the caller makes no further attempt in the background either.
 
 What Knack (or a proxy in front of it) answers is not trusted: at most 50 MB is read, JSON that cannot be
-parsed or metadata of the wrong shape is an outage (one clean line, exit 1), paging ends even when Knack's
-page counts lie, and text it sends back is stripped of the API key and application id before it is printed.
+parsed or metadata of the wrong shape is an outage (one clean line, exit 1), and text it sends back is stripped
+of the API key and application id before it is printed. Which page to read next, and when paging ends even when
+Knack's page counts lie, is listing.py's.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import math
 import socket
 import ssl
 import threading
@@ -59,7 +59,6 @@ DO_NOT_SEND = "DO_NOT_SEND"
 ROWS_PER_PAGE = 1000  # Knack's maximum
 MAX_ANSWER_BYTES = 50 * 1024 * 1024  # a page of 1000 records is a few MB; beyond this an answer is broken
 REDACT_MIN = 8     # characters: see KnackClient._secrets
-MAX_PAGES = 1000  # a million records waiting is no 311 backlog: a page count beyond this is not believed
 
 
 class KnackHTTPError(OutageError):
@@ -447,7 +446,7 @@ class KnackClient:
 
     def ready_count(self, scene: str, view: str, emi_field: str,
                     status_field: str) -> tuple[int | None, Mapping[str, str]]:
-        """How many records wait to be sent (Knack's total_records for the filter ready_records uses; None when
+        """How many records wait to be sent (Knack's total_records for the filter ready_page uses; None when
         Knack's count is not a number), and the answer's headers (Knack's rate and daily plan limits): one
         request for a one-record page."""
         data, headers = self._view_records(scene, view, f"view {view} records count",
@@ -477,67 +476,16 @@ class KnackClient:
         Knack applies the filter afresh on every request, so a record set to SENT drops out and shifts the later
         pages; a caller that changes statuses between pages must allow for that.
         """
-        return self._ready_page(scene, view, emi_field, status_field, page, sort_field)
-
-    def _ready_page(self, scene: str, view: str, emi_field: str, status_field: str, page: int,
-                    sort_field: str | None) -> Page:
         what = f"view {view} records page {page}"
-        params: dict[str, object] = {"filters": _ready_filters(emi_field, status_field),
-                                     "rows_per_page": ROWS_PER_PAGE, "page": page}
-        if sort_field:
-            params.update(sort_field=sort_field, sort_order="asc")
-        data, _ = self._view_records(scene, view, what, params)
+        data, _ = self._view_records(scene, view, what, {"filters": _ready_filters(emi_field, status_field),
+                                                         "rows_per_page": ROWS_PER_PAGE, "page": page,
+                                                         "sort_field": sort_field, "sort_order": "asc"})
         total_pages = _count(data.get("total_pages"))
         if total_pages is None:
             raise self._outage(what, "total_pages is not a number")
         records = [record for record in data["records"]
                    if isinstance(record, dict) and isinstance(record.get("id"), str) and record["id"]]
         return Page(records=records, total_pages=total_pages, total_records=_count(data.get("total_records")))
-
-    def ready_records(self, scene: str, view: str, emi_field: str, status_field: str) -> list[dict]:
-        """Every READY_TO_SEND record with an EMI id, from all pages.
-
-        Knack applies the filter afresh on every request, so a record set to SENT drops out and shifts the
-        later pages: the caller must read all pages before changing any status (this returns them all).
-
-        Paging ends, whatever Knack's page counts say, when a page brings no record not seen before, or at
-        the number of pages its record count allows. Both are logged warnings, and the records read so far
-        are returned: each is a real record (the run checks each one's own status), the ones not read stay
-        READY_TO_SEND for the next run, and refusing all of them would stop every run while Knack pages
-        badly. Paging past the run's --max-runtime is an OutageError instead: no record could be sent after
-        it anyway, and a run that only ever reads must not exit 0.
-        """
-        records: dict[str, dict] = {}
-        page, last_page = 1, MAX_PAGES
-        while True:
-            what = f"view {view} records page {page}"
-            if not self._stop.work_time_left():
-                if self._stop.stopped:
-                    raise self._outage(what, f"not read: {self._stop.signal_name} received")
-                budget = self._stop.work_deadline - self._stop.started
-                raise self._outage(what, f"not read: the time budget (--max-runtime {budget:g}s) was spent "
-                                         f"reading records ({len(records)} read in {page - 1} page(s))")
-            answer = self._ready_page(scene, view, emi_field, status_field, page, None)
-            new = 0
-            for record in answer.records:
-                if record["id"] not in records:
-                    records[record["id"]] = record
-                    new += 1
-            if page >= answer.total_pages:
-                return list(records.values())
-            if page == 1:
-                last_page = _plausible_pages(answer.total_records, len(answer.records))
-                if answer.total_pages > last_page:
-                    self._log(f"WARNING: Knack {what}: says {answer.total_pages} pages for "
-                              f"{answer.total_records} records; reading at most {last_page}")
-            if new == 0:  # an empty page before the last one too: Knack's count and its pages disagree
-                self._log(f"WARNING: Knack {what}: brought no record not seen on an earlier page (Knack says "
-                          f"{answer.total_pages} pages); paging stopped, {len(records)} record(s) read, "
-                          "the others wait for the next run")
-                return list(records.values())
-            if page >= last_page:
-                return list(records.values())
-            page += 1
 
     def set_status(self, obj: str, record_id: str, status_field: str, status: str) -> None:
         """Set one record's ESB status (retried by the adapter; raises OutageError or KnackHTTPError).
@@ -682,13 +630,6 @@ def _count(value: object) -> int | None:
     except (TypeError, ValueError, OverflowError):
         return None
     return max(number, 0)
-
-
-def _plausible_pages(total_records: int | None, page_size: int) -> int:
-    """The most pages Knack's own record count allows (one more for a record added while paging)."""
-    if not total_records or page_size <= 0:
-        return MAX_PAGES
-    return min(MAX_PAGES, math.ceil(total_records / page_size) + 1)
 
 
 def _daily_budget_spent(status: int, headers: Mapping[str, str]) -> bool:

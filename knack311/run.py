@@ -244,15 +244,16 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
     tz = resolve_timezone(schema.timezone_name, app.timezone)
 
     def fetch(page: int) -> tuple[list[dict], int, int | None]:
-        try:
-            read = knack.ready_page(metadata.scene, app.view, app.fields["emi_id"], app.fields["esb_status"], page,
+        def read_page():
+            return knack.ready_page(metadata.scene, app.view, app.fields["emi_id"], app.fields["esb_status"], page,
                                     sort_field=app.fields["atd_activity_id"])
+        try:
+            read = read_page()
         except KnackHTTPError as exc:
             # a view moved to another scene in the builder: the cached metadata names the old one
             if exc.status not in (400, 404) or not metadata.refresh():
                 raise
-            read = knack.ready_page(metadata.scene, app.view, app.fields["emi_id"], app.fields["esb_status"], page,
-                                    sort_field=app.fields["atd_activity_id"])
+            read = read_page()
         return read.records, read.total_pages, read.total_records
 
     listing = Listing(fetch, key=lambda r: _order_key(r, app.fields["atd_activity_id"]),

@@ -75,7 +75,8 @@ def client(knack, lines):
 
 
 def ready(c: KnackClient) -> list[dict]:
-    return c.ready_records("scene_1", VIEW, EMI, STATUS)
+    """Page 1 of the ready records, as the run reads it."""
+    return c.ready_page("scene_1", VIEW, EMI, STATUS, 1, ATD).records
 
 
 def requests_to(knack, method: str, part: str) -> list:
@@ -156,46 +157,6 @@ def test_record_status_that_cannot_be_read_is_an_outage_not_record_gone(knack, s
     with pytest.raises(OutageError) as failed:
         client().record_status(OBJ, record["id"], STATUS)
     assert not isinstance(failed.value, RecordGone)
-
-
-# ----- paging ends --------------------------------------------------------------------------------------------
-
-def test_a_knack_that_repeats_page_1_under_a_huge_page_count_is_read_twice_not_100000_times(knack, seed, client,
-                                                                                            lines):
-    records = seed(3)
-    knack.inject("GET", "/views/", status=200, count=100_000,
-                 body=page(records, total_pages=100_000, total_records=100_000_000))
-    got = ready(client())
-    assert sorted(r["id"] for r in got) == sorted(r["id"] for r in records)
-    assert len(requests_to(knack, "GET", "/views/")) == 2
-    assert lines.naming("no record not seen"), lines
-
-
-def test_total_pages_beyond_what_total_records_allows_is_not_followed(knack, seed, client, lines):
-    first, second, third = seed(3), seed(3), seed(3)
-    # each page brings new records, but 3 records on pages of 3 make one page (two with a record added)
-    knack.inject("GET", "page=1", status=200, body=page(first, total_pages=100_000, total_records=3))
-    knack.inject("GET", "page=2", status=200, body=page(second, total_pages=100_000, total_records=3, current=2))
-    knack.inject("GET", "page=3", status=200, body=page(third, total_pages=100_000, total_records=3, current=3))
-    got = ready(client())
-    assert {r["id"] for r in got} == {r["id"] for r in first + second}
-    assert len(requests_to(knack, "GET", "/views/")) == 2
-    assert lines.naming("says 100000 pages"), lines
-
-
-def test_paging_that_outlasts_the_time_budget_is_an_outage(knack, client):
-    with make_knack(rate_limit=None, max_rows_per_page=10) as paged:
-        Seeder(paged)(100)
-        paged.latency = 0.2
-        with pytest.raises(OutageError, match="time budget"):
-            ready(client(paged.url, stop=Stop(max_runtime=0.5, request_timeout=2)))
-        assert 2 <= len(requests_to(paged, "GET", "/views/")) <= 4
-
-
-def test_pages_of_real_data_are_all_read(client):
-    with make_knack(rate_limit=None, max_rows_per_page=10) as paged:
-        records = Seeder(paged)(95)
-        assert len(ready(client(paged.url))) == len(records)
 
 
 # ----- answers that cannot be used --------------------------------------------------------------------------------
@@ -399,7 +360,7 @@ def test_a_short_key_or_app_id_is_not_redacted_letter_by_letter(knack):
     client = KnackClient(knack.url, "a", "b", timeout=5)
     try:
         with pytest.raises((ConfigError, OutageError)) as refused:
-            client.ready_records("scene_1", "view_1653", "field_1868", "field_1860")
+            client.ready_page("scene_1", "view_1653", "field_1868", "field_1860", 1, ATD)
     finally:
         client.close()
     message = str(refused.value)
@@ -435,7 +396,7 @@ def test_ready_count_reads_one_record_with_the_runs_filter_and_returns_knacks_he
     assert headers["x-planlimit-remaining"] == "899"  # as Knack spells it or not
     first = knack.request_log[0]
     assert first.query["rows_per_page"] == "1" and first.query["page"] == "1"
-    assert first.query["filters"] == knack.request_log[1].query["filters"]  # ready_records' own
+    assert first.query["filters"] == knack.request_log[1].query["filters"]  # ready_page's own
 
 
 def test_ready_count_refused_names_the_key_and_app_id(knack):
@@ -603,8 +564,6 @@ def test_ready_page_sorts_by_the_given_field_and_reports_the_pages(client):
         query = sim.request_log[0].query
         assert (query["sort_field"], query["sort_order"], query["page"]) == (ATD, "asc", "1")
         assert query["rows_per_page"] == str(ROWS_PER_PAGE)
-        c.ready_records("scene_1", VIEW, EMI, STATUS)
-        assert query["filters"] == sim.request_log[-1].query["filters"]  # ready_records' own filter
 
 
 def test_ready_page_keeps_only_records_with_an_id(knack, client):
