@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint venv bench docker-smoke airflow-check clean
+.PHONY: demo test lint venv bench docker-smoke airflow-check stress-timing clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ lint: venv
 
 test: venv lint
 	$(PY) -m pytest
+
+# The tests marked timing, 20 times in a row with every CPU kept busy (CONVENTIONS: "Timing in tests").
+stress-timing: venv
+	$(PY) tests/stress_timing.py 20
 
 bench: venv
 	$(PY) bench/backlog.py

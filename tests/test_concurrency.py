@@ -213,6 +213,7 @@ def test_a_worker_count_that_is_not_a_whole_number_in_range_is_a_usage_error(kna
 # ----- stopping ------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_sigterm_starts_nothing_new_and_leaves_each_record_in_flight_done_or_sending(knack, esb, seed, start_bridge,
                                                                                       run_bridge, state_dir):
     workers = DEFAULT_WORKERS

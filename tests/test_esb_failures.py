@@ -128,6 +128,7 @@ def test_an_answer_that_never_completes_is_cut_at_esb_timeout_and_left_unknown(r
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_sigterm_while_an_esb_answer_stalls_ends_the_run_within_8s(start_bridge, run_bridge, knack, esb, seed,
                                                                  bridge_env):
     records = seed(3, sr_number="20-00009999")  # one SR: the later two wait for the first, which stalls

@@ -278,6 +278,7 @@ def test_injected_drop_closes_without_answer(esb, pki):
     assert post(esb.url, pki).status_code == 200
 
 
+@pytest.mark.timing
 def test_injected_delay_outlasts_a_short_client_timeout(esb, pki):
     esb.inject(delay=1.0)
 
@@ -288,12 +289,14 @@ def test_injected_delay_outlasts_a_short_client_timeout(esb, pki):
     assert [r.record_id for r in esb.accepted] == ["rec1"]
 
 
+@pytest.mark.timing
 def test_delay_alone_is_then_answered_normally(esb, pki):
     esb.inject(delay=0.3)
     assert post(esb.url, pki, timeout=TIMEOUT).elapsed.total_seconds() >= 0.3
     assert len(esb.accepted) == 1
 
 
+@pytest.mark.timing
 def test_latency_applies_to_every_answer(esb, pki):
     esb.latency = 0.2
     for _ in range(2):

@@ -535,6 +535,7 @@ def test_without_limits_no_limit_headers(make_sim):
     assert not [name for name in answer.headers if name.lower().startswith(("x-ratelimit", "x-planlimit"))]
 
 
+@pytest.mark.timing
 def test_other_clients_use_part_of_the_second_and_of_the_plan(make_sim):
     sim = make_sim(rate_limit=10.0, other_clients_rps=6.0, plan_limit=1_000)
     with requests.Session() as session:
@@ -798,6 +799,7 @@ def test_stopping_the_simulator_releases_a_hanging_request(sim):
     assert isinstance(outcome[0], requests.ConnectionError)
 
 
+@pytest.mark.timing
 def test_a_trickled_answer_never_trips_a_per_read_timeout(sim):
     sim.inject("GET", "/applications/", status=418, body='{"slow": true}', trickle=0.01)
 

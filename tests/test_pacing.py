@@ -216,6 +216,7 @@ def test_a_threading_event_is_a_stop_too():
         pacer.before_request()  # would otherwise wait half a second
 
 
+@pytest.mark.timing
 def test_threads_share_one_spacing():
     pacer = Pacer(200.0)
     starts = []
@@ -234,9 +235,14 @@ def test_threads_share_one_spacing():
     for thread in threads:
         thread.join()
 
+    # The pacer hands out slots 1/200 s apart and never starts a request before its slot, but a thread can wake
+    # late from its wait and start next to the following slot's request: gaps between neighbours say nothing.
+    # What holds whatever the scheduler does: the k-th start is at least k slots after the first (which never
+    # waits), so no window ever holds more starts than the rate allows.
     starts.sort()
     assert len(starts) == 40
-    assert min(b - a for a, b in zip(starts, starts[1:], strict=False)) >= 1 / 200 - 0.002
+    first = starts[0]
+    assert all(started - first >= k / 200 - 1e-9 for k, started in enumerate(starts))
 
 
 # ----- the daily budget -----
@@ -337,18 +343,20 @@ def test_answers_without_headers_change_nothing():
     assert pacer.plan().remaining is None and pacer.current_rps == DEFAULT_MAX_RPS
 
 
+@pytest.mark.timing
 def test_real_clock_default_stop_sleeps():
     pacer = Pacer(20.0)
     started = time.monotonic()
     pacer.before_request()
     pacer.before_request()
-    assert time.monotonic() - started >= 0.05 - 0.005
+    assert time.monotonic() - started >= 0.04  # two slots 1/20 s apart: the second waited (sleep never ends early)
 
 
 # ----- with the Knack simulator (real HTTP, real clock) -----
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_against_the_simulator_the_pacer_leaves_the_others_their_share_and_tracks_the_plan():
     import requests
 
