@@ -33,12 +33,14 @@ bench: venv
 docker-smoke: venv
 	$(PY) -m simulators.docker_smoke
 
-# Loads deploy/airflow_dag.py into a real Airflow, in a virtualenv of its own (not part of make test).
+# Loads deploy/airflow_dag.py into a real Airflow, in a virtualenv of its own (not part of make test), then runs
+# a DAG with `airflow dags test` against the simulators and an image built here (skipped without a Docker engine).
 AIRFLOW_VENV ?= .venv-airflow
 
-airflow-check: $(AIRFLOW_VENV)/.installed
+airflow-check: venv $(AIRFLOW_VENV)/.installed
 	AIRFLOW_HOME=$(CURDIR)/.airflow-home AIRFLOW__CORE__LOAD_EXAMPLES=False \
 	  $(AIRFLOW_VENV)/bin/python deploy/airflow_check.py
+	AIRFLOW_HOME=$(CURDIR)/.airflow-home AIRFLOW_VENV=$(abspath $(AIRFLOW_VENV)) $(PY) -m simulators.airflow_smoke
 
 $(AIRFLOW_VENV)/.installed: deploy/requirements-airflow.txt
 	$(PYTHON) -m venv $(AIRFLOW_VENV)
