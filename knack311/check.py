@@ -440,7 +440,7 @@ class NetworkProbes:
         self._settings = settings
         self._now = now or dt.datetime.now(dt.UTC)
         self._knack = KnackClient(settings.knack_api_url, settings.knack_app_id, settings.knack_api_key,
-                                  timeout=settings.esb_timeout, max_rps=settings.knack_max_rps, log=log)
+                                  timeout=settings.knack_timeout, max_rps=settings.knack_max_rps, log=log)
         self._metadata: object = None
 
     def close(self) -> None:
