@@ -176,7 +176,7 @@ class _KnackRetry(StoppableRetry):
         elif self.stop is not None and self.stop.remaining() <= 0:
             refusal = _NO_RETRY_PAST_DEADLINE
         elif call.abandoned.is_set() or call.remaining() <= 0:
-            refusal = f"no retry past the request's {call.timeout:g}s limit (ESB_TIMEOUT)"
+            refusal = f"no retry past the request's {call.timeout:g}s limit (KNACK_TIMEOUT)"
         if refusal:
             call.gave_up = refusal
             raise MaxRetryError(_pool, url or "", RetryStopped(refusal))
@@ -230,7 +230,7 @@ class _KnackRetry(StoppableRetry):
             ticket = call.take_ticket()
             if ticket is not None:
                 self.pacer.after_answer(None, None, ticket)
-            call.gave_up = f"no retry past the request's {call.timeout:g}s limit (ESB_TIMEOUT)"
+            call.gave_up = f"no retry past the request's {call.timeout:g}s limit (KNACK_TIMEOUT)"
             raise RetryStopped(call.gave_up)
 
 
