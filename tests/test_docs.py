@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import re
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-import send_esb_message
 from knack311.logs import _TAGS
 from knack311.outcomes import RunReport
 
@@ -76,9 +77,14 @@ def parser(monkeypatch) -> argparse.ArgumentParser:
     def capture(self, *args, **kwargs):
         raise _Parsed(self)
 
+    interrupt = signal.getsignal(signal.SIGINT)
+    try:
+        entry = importlib.import_module("send_esb_message")
+    finally:
+        signal.signal(signal.SIGINT, interrupt)  # the script resets SIGINT for its own process, not pytest's
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     with pytest.raises(_Parsed) as caught:
-        send_esb_message.main(["data-tracker"])
+        entry.main(["data-tracker"])
     return caught.value.args[0]
 
 
