@@ -61,7 +61,8 @@ def table_rows(text: str) -> list[list[str]]:
 
 
 def quoted(cell: str) -> list[str]:
-    return re.findall(r"``? ?(.+?) ?``?(?!`)", cell)
+    """The code spans of a cell: `text`, or ``text with `backticks` in it``."""
+    return [double or single for double, single in re.findall(r"``\s?(.+?)\s?``|`([^`]+)`", cell)]
 
 
 # --- 1. the usage line names every option of the argument parser ------------------------------------------------
@@ -178,6 +179,10 @@ def readme_variables() -> set[str]:
     for row in table_rows(section("Environment")):
         names.update(name for name in quoted(row[0]) if VARIABLE.fullmatch(name))
     return names
+
+
+def test_code_spans():
+    assert quoted("`A` and ``set `tz` in config.py`` / `B`") == ["A", "set `tz` in config.py", "B"]
 
 
 def test_the_scanner_finds_each_way_of_reading_a_variable():
