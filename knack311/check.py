@@ -440,7 +440,7 @@ class NetworkProbes:
         self._settings = settings
         self._now = now or dt.datetime.now(dt.UTC)
         self._knack = KnackClient(settings.knack_api_url, settings.knack_app_id, settings.knack_api_key,
-                                  timeout=settings.esb_timeout, max_rps=settings.knack_max_rps, log=log)
+                                  timeout=settings.knack_timeout, max_rps=settings.knack_max_rps, log=log)
         self._metadata: object = None
 
     def close(self) -> None:
@@ -522,6 +522,19 @@ def _env_path(env: Mapping[str, str], name: str, default: str) -> Path:
     return Path(value).expanduser().absolute() if value else PROJECT_ROOT / default
 
 
+# the rows whose FAIL keeps the settings from loading, and so the network probes from being built
+_SETTINGS_ROWS = frozenset({*REQUIRED_VARIABLES, "settings", "config.py entry"})
+
+
+def _fix(items: list[str]) -> str:
+    """'fix KNACK_API_KEY and the config.py entry first', for a SKIP row."""
+    if not items:
+        return "the settings did not load"
+    named = [f"the {item}" if item == "config.py entry" else f"the {item} row" if item == "settings" else item
+             for item in items]
+    return f"fix {' and '.join(named)} first"
+
+
 def _probe(item: str, probe: Probe | None, why_not: str) -> list[Row]:
     if probe is None:
         return [Row(item, SKIP, why_not)]
@@ -548,15 +561,20 @@ def run_check(app_name: str, env: Mapping[str, str], config: Mapping, *,
     """
     now = now or dt.datetime.now(dt.UTC)
     rows = check_environment(env, app_name)
-    if settings_error is not None:
+    # One row per cause: a settings error about a variable whose row already FAILs (a missing KNACK_API_KEY)
+    # would say the same thing twice.
+    if settings_error is not None and not any(row.status == FAIL and row.item in settings_error for row in rows):
         rows.append(Row("settings", FAIL, settings_error))
     app, entry_row = check_config_entry(app_name, config)
     rows.append(entry_row)
+    # The network probes exist only once the settings load (the required variables and the config.py entry):
+    # a SKIP names the rows that stand in the way, not a guess.
+    blocked_by = _fix([row.item for row in rows if row.status == FAIL and row.item in _SETTINGS_ROWS])
 
     if app is None:
-        rows.append(Row("Knack app metadata", SKIP, "config.py entry unusable"))
+        rows.append(Row("Knack app metadata", SKIP, "not fetched: fix the config.py entry first"))
     elif fetch_metadata is None:
-        rows.append(Row("Knack app metadata", SKIP, "not fetched: fix the environment first"))
+        rows.append(Row("Knack app metadata", SKIP, f"not fetched: {blocked_by}"))
     else:
         try:
             metadata = fetch_metadata()
@@ -574,12 +592,11 @@ def run_check(app_name: str, env: Mapping[str, str], config: Mapping, *,
     # A handshake with files that already fail would only fail again, less clearly.
     unusable = [row.item for row in certificates if row.status == FAIL]
     rows += _probe("ESB TLS handshake", None if unusable else esb_handshake,
-                   f"not tried: fix {' and '.join(unusable)} first" if unusable
-                   else "not tried: fix the environment and certificate first")
+                   f"not tried: {_fix(unusable) if unusable else blocked_by}")
 
     state_dir = _env_path(env, "STATE_DIR", "state")
     rows += check_state(state_dir, journal_path(state_dir, app_name), in_container=in_container)
-    rows += _probe("Knack usage", knack_usage, "not asked: fix the environment first")
+    rows += _probe("Knack usage", knack_usage, f"not asked: {blocked_by}")
 
     stream = out if out is not None else sys.stdout
     stream.write(render_table(rows))

@@ -1,7 +1,8 @@
 """--report: what the journal knows about an app's deliveries, without touching Knack or the ESB.
 
 Needs only the app name and STATE_DIR, so an operator can run it while Knack, the ESB or the certificates are
-the trouble.
+the trouble. Records are named as the log names them (`record=ID sr=SR`), so a line of the report can be
+searched for in the log; the EMI message id comes after, as what 311 knows the message by.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from .journal import SENDING, journal_path, read_report
 from .knack import SENT
 from .logs import printable
 from .outcomes import COUNT_NAMES, EXIT_OK
+
+
+def record_label(record_id: str, sr_number: str | None) -> str:
+    """`record=ID sr=SR`, the log's own words for a record whose activity id is not at hand (logs.TextFormatter);
+    the journal keeps no activity id, so `activity=` never shows here."""
+    return f"record={record_id} sr={sr_number or '-'}"
 
 
 def report(app_name: str, state_dir: Path, out: TextIO = sys.stdout, last_runs: int = 10) -> int:
@@ -31,18 +38,22 @@ def report(app_name: str, state_dir: Path, out: TextIO = sys.stdout, last_runs: 
     if found.layout_version == 0:
         say("  (the layout of an earlier version: the next run upgrades it; it keeps no failures or runs yet)")
 
+    # A delivery keeps no SR in the journal; its failure (a status update that did not take) does.
+    sr_of = {failure.record_id: failure.sr_number for failure in found.failures}
     say(f"delivered to the ESB, not yet marked {SENT} in Knack: {len(found.delivered) or 'none'}"
         + (" (the next run sets them SENT without resending)" if found.delivered else ""))
     for entry in found.delivered:
-        say(f"  record={entry.record_id} emi={entry.emi or '-'} accepted {when(entry.updated)}")
+        say(f"  {record_label(entry.record_id, sr_of.get(entry.record_id))} accepted {when(entry.updated)}"
+            f" (EMI message {entry.emi or '-'})")
     say(f"delivery in doubt ({SENDING}): {len(found.sending) or 'none'}"
         + (" (the next run sends them again; 311 may receive them twice)" if found.sending else ""))
     for entry in found.sending:
         why = entry.note or "a run died while posting it"
-        say(f"  record={entry.record_id} emi={entry.emi or '-'} since {when(entry.updated)}: {why}")
+        say(f"  {record_label(entry.record_id, sr_of.get(entry.record_id))} since {when(entry.updated)}: {why}"
+            f" (EMI message {entry.emi or '-'})")
     say(f"records that keep failing: {len(found.failures) or 'none'}")
     for failure in found.failures:
-        say(f"  record={failure.record_id} sr={failure.sr_number or '-'} failing since {when(failure.first_failed)}"
+        say(f"  {record_label(failure.record_id, failure.sr_number)} failing since {when(failure.first_failed)}"
             f", in {failure.runs} run{'s' if failure.runs != 1 else ''}; last {when(failure.last_failed)}: "
             f"{failure.last_reason}")
     say(f"last runs, newest first: {len(found.runs) or 'none'}")

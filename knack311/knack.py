@@ -9,7 +9,7 @@ other users: once it is spent nothing is retried or started (KnackBudgetSpent) u
 may_start_record keeps KNACK_PLAN_RESERVE calls for the others.
 
 Every request, with its retries, runs through the run's Stop (stopping.py): it is abandoned when it has no
-complete answer within ESB_TIMEOUT (requests' own timeouts bound each socket read, so an answer trickled a
+complete answer within KNACK_TIMEOUT (requests' own timeouts bound each socket read, so an answer trickled a
 byte at a time would never trip them), a read is abandoned at once on SIGTERM/SIGINT and a status update gets
 the stop grace, and no retry starts after a stop signal, past the run's deadline or past the request's own
 ESB_TIMEOUT. A request abandoned by the caller makes no further attempt in the background either.
@@ -176,7 +176,7 @@ class _KnackRetry(StoppableRetry):
         elif self.stop is not None and self.stop.remaining() <= 0:
             refusal = _NO_RETRY_PAST_DEADLINE
         elif call.abandoned.is_set() or call.remaining() <= 0:
-            refusal = f"no retry past the request's {call.timeout:g}s limit (ESB_TIMEOUT)"
+            refusal = f"no retry past the request's {call.timeout:g}s limit (KNACK_TIMEOUT)"
         if refusal:
             call.gave_up = refusal
             raise MaxRetryError(_pool, url or "", RetryStopped(refusal))
@@ -230,7 +230,7 @@ class _KnackRetry(StoppableRetry):
             ticket = call.take_ticket()
             if ticket is not None:
                 self.pacer.after_answer(None, None, ticket)
-            call.gave_up = f"no retry past the request's {call.timeout:g}s limit (ESB_TIMEOUT)"
+            call.gave_up = f"no retry past the request's {call.timeout:g}s limit (KNACK_TIMEOUT)"
             raise RetryStopped(call.gave_up)
 
 
@@ -382,7 +382,7 @@ class KnackClient:
             elif stop.remaining() <= 0:
                 cause = "cut short: the run's time (--max-runtime + ESB_TIMEOUT) is up"
             else:
-                cause = f"no complete answer from {self._address} within {self._total:g}s (ESB_TIMEOUT)"
+                cause = f"no complete answer from {self._address} within {self._total:g}s (KNACK_TIMEOUT)"
             if call.attempts > 1:
                 cause += f" (after {call.attempts} attempts, the one before: {call.last_cause})"
             raise self._outage(what, cause) from None

@@ -1,10 +1,11 @@
 """METRICS_FILE: after each run, what it did in Prometheus text format, for node_exporter's textfile collector.
 
-    knack311_last_run_records{app,outcome}           sent, do_not_send, failed, held, deferred, not_attempted
+    knack311_last_run_records{app,outcome}           sent, do_not_send, failed, held, deferred, not_attempted,
+                                                     skipped
     knack311_last_run_exit_code{app}
     knack311_last_run_duration_seconds{app}
     knack311_last_run_timestamp_seconds{app}         when the last run ended (Unix time)
-    knack311_last_success_timestamp_seconds{app}     when the last run with exit code 0 ended
+    knack311_last_success_timestamp_seconds{app}     when the last run with exit code 0 ended; 0 before the first
     knack311_knack_daily_calls_remaining{app}        only when Knack told us
 
 One file per app: METRICS_FILE may hold `{app}` (`/var/lib/node_exporter/textfile/knack311-{app}.prom`),
@@ -12,8 +13,9 @@ replaced by the app name. The apps run on their own schedules, in their own cont
 its own file and never has to merge with another's; a METRICS_FILE without `{app}` is fine for a single app.
 The file is replaced atomically (prometheus_client writes a temporary file beside it and renames it), so the
 collector never reads half a file. A failed run keeps the previous success time, read back from the file with
-prometheus_client's own parser. A dry run writes nothing, nor does a run that found another one active (75):
-that one reports when it ends.
+prometheus_client's own parser; until a first success it is 0, so an alert on its age fires for a bridge that
+has never succeeded (an absent sample would silence it). A dry run writes nothing, nor does a run that found
+another one active (75): that one reports when it ends.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from .errors import ConfigError
 from .outcomes import EXIT_LOCKED, EXIT_OK, OUTCOME_NAMES, Reader, ReportError, RunReport
 
 LAST_SUCCESS = "knack311_last_success_timestamp_seconds"
+NEVER = 0.0  # the success time of an app that has not succeeded yet: the Unix epoch, as old as it gets
+# What became of the fetched records, each an `outcome` label; `skipped` (listed by Knack though not
+# READY_TO_SEND, never posted) too, so a view that lost its filter shows up on a dashboard.
+RECORD_OUTCOMES = (*OUTCOME_NAMES, "skipped")
 
 
 def metrics_path(template: str, app: str) -> Path:
@@ -59,7 +65,7 @@ def registry_for(report: RunReport, last_success: float | None) -> CollectorRegi
     registry = CollectorRegistry()
     records = Gauge("knack311_last_run_records", "Records of the last run, by what became of them",
                     ["app", "outcome"], registry=registry)
-    for outcome in OUTCOME_NAMES:
+    for outcome in RECORD_OUTCOMES:
         records.labels(app=report.app, outcome=outcome).set(getattr(report, outcome))
 
     def gauge(name: str, help_text: str, value: float) -> None:
@@ -69,8 +75,8 @@ def registry_for(report: RunReport, last_success: float | None) -> CollectorRegi
           report.exit_code)
     gauge("knack311_last_run_duration_seconds", "Duration of the last run", report.duration_s)
     gauge("knack311_last_run_timestamp_seconds", "When the last run ended (Unix time)", report.finished_at)
-    if last_success is not None:
-        gauge(LAST_SUCCESS, "When the last run that exited 0 ended (Unix time)", last_success)
+    gauge(LAST_SUCCESS, "When the last run that exited 0 ended (Unix time; 0: never)",
+          NEVER if last_success is None else last_success)
     if report.knack_calls_remaining is not None:
         gauge("knack311_knack_daily_calls_remaining", "Knack API calls the app has left today",
               report.knack_calls_remaining)

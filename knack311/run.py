@@ -108,7 +108,7 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
                             key_password=settings.esb_key_password, verify=settings.esb_verify,
                             timeout=settings.esb_timeout, stop=stop)
         knack = KnackClient(settings.knack_api_url, settings.knack_app_id, settings.knack_api_key,
-                            timeout=settings.esb_timeout, max_rps=settings.knack_max_rps,
+                            timeout=settings.knack_timeout, max_rps=settings.knack_max_rps,
                             plan_reserve=settings.knack_plan_reserve, stop=stop,
                             log=lambda line: _knack_said(emit, line))
         try:

@@ -74,6 +74,7 @@ class Settings:
     workers: int = DEFAULT_WORKERS
     esb_max_in_flight: int | None = None  # ESB_MAX_IN_FLIGHT; None: as many as workers
     knack_plan_reserve: int | None = None  # KNACK_PLAN_RESERVE; None: 10% of Knack's daily plan limit
+    knack_timeout: float = 30.0  # KNACK_TIMEOUT; load_settings defaults it to ESB_TIMEOUT's value
 
     @property
     def esb_in_flight(self) -> int:
@@ -139,6 +140,9 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
     esb_endpoint = _esb_endpoint(env["ESB_ENDPOINT"].strip())
 
     esb_timeout = _positive_number(env, "ESB_TIMEOUT", 30.0)
+    # Knack and the ESB answer at their own pace; one timeout used to serve both, so a setup tuned with
+    # ESB_TIMEOUT alone keeps working when KNACK_TIMEOUT is left unset.
+    knack_timeout = _positive_number(env, "KNACK_TIMEOUT", esb_timeout)
     knack_max_rps = _positive_number(env, "KNACK_MAX_RPS", pacing.DEFAULT_MAX_RPS)
     if not KNACK_RPS_RANGE[0] <= knack_max_rps <= KNACK_RPS_RANGE[1]:
         raise ConfigError(f"KNACK_MAX_RPS must be between {KNACK_RPS_RANGE[0]:g} and {KNACK_RPS_RANGE[1]:g} requests "
@@ -183,6 +187,7 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
         esb_cert=esb_cert, esb_key=esb_key, esb_verify=esb_verify, esb_timeout=esb_timeout,
         state_dir=state_dir, dry_run=dry_run, max_runtime=max_runtime, esb_key_password=esb_key_password,
         workers=workers, esb_max_in_flight=esb_max_in_flight, knack_plan_reserve=knack_plan_reserve,
+        knack_timeout=knack_timeout,
     )
 
 

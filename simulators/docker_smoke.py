@@ -2,7 +2,7 @@
 
     make docker-smoke        (or: .venv/bin/python -m simulators.docker_smoke)
 
-Needs a running Docker engine (here: `../shared/tools/docker-engine start`). It builds `knack-311:smoke` with
+Needs a running Docker engine (`docker info` answers). It builds `knack-311:smoke` with
 the OCI label build args (git revision, version, build time), makes a throwaway PKI, starts the Knack simulator
 (HTTP) and the ESB simulator (HTTPS, client certificate required) on 127.0.0.1, seeds data-tracker activities,
 writes an env file and runs the container as README.md and the Dockerfile say, hardened:
@@ -373,7 +373,8 @@ def main() -> int:
     problem = docker_available()
     if problem:
         print(f"docker smoke: no Docker engine ({problem}).\n"
-              "Start one with: ../shared/tools/docker-engine start   (from the project root)", file=sys.stderr)
+              "Start the Docker engine (Docker Desktop, or `sudo systemctl start docker`), then run it again.",
+              file=sys.stderr)
         return 2
 
     checks = Checks()

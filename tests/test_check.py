@@ -25,6 +25,7 @@ from knack311.check import (
     Row,
     check_ca_bundle,
     check_client_certificate,
+    check_command,
     check_config_entry,
     check_environment,
     check_metadata,
@@ -478,10 +479,60 @@ def test_run_check_with_nothing_set_skips_the_network_and_still_prints_everythin
                      in_container=False, out=out)
     found = statuses(out.getvalue())
     assert code == 2
-    assert found["KNACK_APP_ID"] == found["settings"] == found["ESB_CERT"] == FAIL
+    assert found["KNACK_APP_ID"] == found["ESB_CERT"] == FAIL
+    assert "settings" not in found  # the missing variables have their own rows: one row per cause
     assert found["Knack app metadata"] == found["ESB TLS handshake"] == found["Knack usage"] == SKIP
     assert found["config.py entry"] == OK
     assert out.getvalue().splitlines()[-1].endswith("not ready: fix the FAIL rows")
+    assert "not asked: fix KNACK_APP_ID and KNACK_API_KEY and ESB_ENDPOINT first" in out.getvalue()
+
+
+def rows_of(table: str) -> dict[str, tuple[str, str]]:
+    """item -> (status, detail) of a rendered table."""
+    found = {}
+    for line in table.splitlines()[1:-1]:
+        item, rest = line[:line.index("  ")], line[line.index("  "):].split(None, 1)
+        found[item] = (rest[0], rest[1] if len(rest) > 1 else "")
+    return found
+
+
+def test_a_missing_api_key_is_one_fail_row(ready_env):
+    env = {k: v for k, v in ready_env.items() if k != "KNACK_API_KEY"}
+    out = io.StringIO()
+    code = run_check("data-tracker", env, CONFIG, settings_error="missing environment variable(s): KNACK_API_KEY",
+                     in_container=False, out=out)
+    found = rows_of(out.getvalue())
+    assert code == 2
+    assert [item for item, (status, _) in found.items() if status == FAIL] == ["KNACK_API_KEY"]
+    for item in ("Knack app metadata", "ESB TLS handshake", "Knack usage"):
+        assert found[item][0] == SKIP and found[item][1].endswith("fix KNACK_API_KEY first"), found[item]
+
+
+def test_a_settings_error_no_environment_row_shows_is_its_own_row_and_the_skips_name_it(ready_env):
+    out = io.StringIO()
+    error = "KNACK_MAX_RPS must be between 0.1 and 50 requests a second (Knack allows an app 10), not '99'"
+    code = run_check("data-tracker", {**ready_env, "KNACK_MAX_RPS": "99"}, CONFIG, settings_error=error,
+                     in_container=False, out=out)
+    found = rows_of(out.getvalue())
+    assert code == 2
+    assert found["settings"] == (FAIL, error)
+    assert found["ESB TLS handshake"] == (SKIP, "not tried: fix the settings row first")
+    assert found["Knack usage"] == (SKIP, "not asked: fix the settings row first")
+
+
+def test_a_config_entry_lacking_a_field_key_is_blamed_for_the_skips(ready_env):
+    broken = copy.deepcopy(CONFIG)
+    del broken["data-tracker"]["fields"]["emi_id"]
+    out = io.StringIO()
+    code = check_command("data-tracker", ready_env, broken, out=out)
+    found = rows_of(out.getvalue())
+    assert code == 2
+    assert found["config.py entry"][0] == FAIL and "'emi_id'" in found["config.py entry"][1]
+    assert [item for item, (status, _) in found.items() if status == FAIL] == ["config.py entry"]
+    assert found["Knack app metadata"] == (SKIP, "not fetched: fix the config.py entry first")
+    assert found["ESB TLS handshake"] == (SKIP, "not tried: fix the config.py entry first")
+    assert found["Knack usage"] == (SKIP, "not asked: fix the config.py entry first")
+    assert "environment" not in out.getvalue()
 
 
 def test_run_check_does_not_try_the_handshake_with_certificate_files_that_fail(ready_env, tmp_path):

@@ -90,7 +90,7 @@ def ids(received) -> list[str]:
 
 
 def msg_id(record: dict) -> str:
-    """The id a message carries for this record (data/csr/id is the Knack record id, ../shared/MESSAGE.md)."""
+    """The id a message carries for this record (data/csr/id is the Knack record id: README.md, the message table)."""
     return record["id"]
 
 

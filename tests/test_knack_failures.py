@@ -211,6 +211,23 @@ def test_a_knack_that_never_answers_is_cut_at_esb_timeout(bridge, knack, esb, se
     assert_recovers(bridge, knack, esb, records)
 
 
+@pytest.mark.timing
+def test_knack_timeout_cuts_a_knack_request_apart_from_esb_timeout(bridge, knack, esb, seed):
+    records = seed(2)
+    knack.inject("GET", "/applications/", hang=True, count=100)
+
+    began = time.monotonic()
+    result = bridge(env={"ESB_TIMEOUT": "30", "KNACK_TIMEOUT": "2"})
+    # ESB_TIMEOUT would have held the hanging request for 30 s; half of that is a margin no load erases
+    assert time.monotonic() - began < 15
+
+    assert result.returncode == 1, result.output
+    errors = [line for line in result.stdout.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "within 2s (KNACK_TIMEOUT)" in errors[0], result.output
+    assert esb.received == [] and puts(knack) == []
+    assert_recovers(bridge, knack, esb, records)
+
+
 @pytest.mark.parametrize("where", ["records-page", "status-put"])
 def test_a_trickling_knack_cannot_keep_the_run_past_max_runtime_plus_esb_timeout(bridge, knack, esb, seed,
                                                                                 bridge_env, where):

@@ -51,14 +51,15 @@ def test_a_successful_run_writes_every_gauge(tmp_path):
     write_metrics(path, good_run())
     samples = parse(path)
     outcomes = {o: value(samples, "knack311_last_run_records", outcome=o)
-                for o in ("sent", "do_not_send", "failed", "held", "deferred", "not_attempted")}
-    assert outcomes == {"sent": 9, "do_not_send": 1, "failed": 0, "held": 0, "deferred": 2, "not_attempted": 0}
+                for o in ("sent", "do_not_send", "failed", "held", "deferred", "not_attempted", "skipped")}
+    assert outcomes == {"sent": 9, "do_not_send": 1, "failed": 0, "held": 0, "deferred": 2, "not_attempted": 0,
+                        "skipped": 0}
     assert value(samples, "knack311_last_run_exit_code") == 0
     assert value(samples, "knack311_last_run_duration_seconds") == 3.5
     assert value(samples, "knack311_last_run_timestamp_seconds") == T0
     assert value(samples, "knack311_last_success_timestamp_seconds") == T0
     assert value(samples, "knack311_knack_daily_calls_remaining") == 9_876
-    assert len(samples) == 11
+    assert len(samples) == 12
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left behind
 
 
@@ -84,12 +85,26 @@ def test_a_failing_run_keeps_the_previous_success_time(tmp_path):
     assert value(parse(path), "knack311_last_success_timestamp_seconds") == T0 + 900
 
 
-def test_a_failing_first_run_has_no_success_time(tmp_path):
+def test_a_failing_first_run_has_a_success_time_of_zero(tmp_path):
+    # an absent sample would never make `time() - knack311_last_success_timestamp_seconds` large: a bridge
+    # that never succeeded would never alert
     path = tmp_path / "m.prom"
     write_metrics(path, failing_run())
     samples = parse(path)
     assert value(samples, "knack311_last_run_exit_code") == 1
-    assert not [k for k in samples if k[0] == "knack311_last_success_timestamp_seconds"]
+    assert value(samples, "knack311_last_success_timestamp_seconds") == 0
+    write_metrics(path, failing_run(finished_at=T0 + 600))  # the 0 read back is not taken for a success
+    assert value(parse(path), "knack311_last_success_timestamp_seconds") == 0
+    write_metrics(path, good_run(finished_at=T0 + 900))
+    assert value(parse(path), "knack311_last_success_timestamp_seconds") == T0 + 900
+
+
+def test_skipped_records_have_their_own_outcome(tmp_path):
+    path = tmp_path / "m.prom"
+    write_metrics(path, failing_run(fetched=7, skipped=2))
+    samples = parse(path)
+    assert value(samples, "knack311_last_run_records", outcome="skipped") == 2
+    assert value(samples, "knack311_last_run_records", outcome="failed") == 1
 
 
 def test_a_damaged_file_is_replaced_whole(tmp_path):
@@ -98,7 +113,7 @@ def test_a_damaged_file_is_replaced_whole(tmp_path):
     write_metrics(path, failing_run())
     samples = parse(path)
     assert value(samples, "knack311_last_run_exit_code") == 1
-    assert not [k for k in samples if k[0] == "knack311_last_success_timestamp_seconds"]
+    assert value(samples, "knack311_last_success_timestamp_seconds") == 0  # lost with the damage
 
 
 def test_one_file_per_app(tmp_path):
@@ -118,7 +133,9 @@ def test_previous_success_of_another_app_is_not_taken(tmp_path):
     path = tmp_path / "shared.prom"
     write_metrics(path, good_run(app="signs-markings"))
     write_metrics(path, failing_run())  # data-tracker overwrites a file that held only signs-markings
-    assert not [k for k in parse(path) if k[0] == "knack311_last_success_timestamp_seconds"]
+    successes = {dict(k[1])["app"]: v for k, v in parse(path).items()
+                 if k[0] == "knack311_last_success_timestamp_seconds"}
+    assert successes == {"data-tracker": 0}
 
 
 def test_metrics_path():

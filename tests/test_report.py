@@ -60,7 +60,7 @@ def test_the_report_after_a_failed_status_update_shows_the_record_delivered_not_
 
     assert result.returncode == 0, result.output
     [delivered] = section(result.stdout, "delivered to the ESB, not yet marked SENT")
-    assert f"record={records[0]['id']}" in delivered and "emi=EMI-1001" in delivered, delivered
+    assert f"record={records[0]['id']}" in delivered and "(EMI message EMI-1001)" in delivered, delivered
     assert records[1]["id"] not in "".join(section(result.stdout, "delivered to the ESB"))  # that one is done
     assert section(result.stdout, "delivery in doubt") == []
     [failing] = section(result.stdout, "records that keep failing")
@@ -75,6 +75,31 @@ def test_the_report_after_a_failed_status_update_shows_the_record_delivered_not_
     after = report(run_bridge, knack, esb)
     assert section(after.stdout, "delivered to the ESB") == [] and section(after.stdout, "records that keep") == []
     assert [line.split(" exit=")[1][:1] for line in section(after.stdout, "last runs")] == ["0", "1"]
+
+
+def log_names(output: str, record_id: str) -> dict[str, str]:
+    """The record=, activity= and sr= of the log's FAILED line about a record."""
+    [line] = [line for line in output.splitlines() if f"record={record_id} " in line and " FAILED: " in line]
+    return dict(re.findall(r" (record|activity|sr)=(\S+)", line.split(" FAILED: ")[0]))
+
+
+def test_the_report_names_records_as_the_log_does(knack, esb, seed, run_bridge, state_dir):
+    [unmarked, unknown] = seed(1), seed(1, activity_name="Never Heard Of It")
+    unmarked, unknown = unmarked[0], unknown[0]
+    status_updates_not_applied(knack, unmarked)
+    run = run_bridge()
+    assert run.returncode == 1, run.output
+
+    result = report(run_bridge, knack, esb)
+
+    for record, heading in ((unmarked, "delivered to the ESB"), (unmarked, "records that keep failing"),
+                            (unknown, "records that keep failing")):
+        names = log_names(run.stdout, record["id"])
+        assert names["record"] == record["id"] and names["sr"].startswith("20-"), names
+        [line] = [line for line in section(result.stdout, heading) if record["id"] in line]
+        # the same words and values as the log (the journal keeps no activity id: activity= is left out)
+        assert line.split()[:2] == [f"record={names['record']}", f"sr={names['sr']}"], (line, names)
+        assert "emi=" not in line
 
 
 def test_the_report_says_why_a_delivery_is_in_doubt(knack, esb, seed, run_bridge, state_dir):

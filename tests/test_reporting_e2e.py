@@ -91,6 +91,26 @@ def test_metrics_file_before_and_after_a_failing_run(run_bridge, seed, esb, tmp_
     assert [p.name for p in written.parent.iterdir()] == [written.name]  # no temp file left behind
 
 
+def test_metrics_of_a_bridge_that_never_succeeded_and_of_skipped_records(run_bridge, seed, esb, knack, tmp_path):
+    metrics = tmp_path / "knack311-{app}.prom"
+    written = tmp_path / "knack311-data-tracker.prom"
+    [ready] = seed(1)
+    [unknown] = seed(1, activity_name="Never Heard Of It")
+    [already_sent] = seed(1, esb_status="SENT")
+    knack.ignore_filters = True  # the view lists a record that is not READY_TO_SEND: skipped, never posted
+
+    result = run_bridge(env={"METRICS_FILE": str(metrics)})
+
+    assert result.returncode == 1, result.output
+    assert esb.copies() == {ready["id"]: 1}
+    assert statuses(knack) == {ready["id"]: "SENT", unknown["id"]: "READY_TO_SEND", already_sent["id"]: "SENT"}
+    found = families(written)
+    records = {dict(labels)["outcome"]: value for labels, value in found["knack311_last_run_records"].items()}
+    assert (records["sent"], records["failed"], records["skipped"]) == (1, 1, 1)
+    # no run has succeeded yet: the sample is there, at 0, so an alert on its age fires
+    assert found["knack311_last_success_timestamp_seconds"] == {(("app", "data-tracker"),): 0}
+
+
 class Pings(BaseHTTPRequestHandler):
     received: list[tuple[str, str]] = []
 

@@ -450,3 +450,27 @@ def test_api_key_never_in_repr(env):
     assert API_KEY not in repr(s)
     assert API_KEY not in str(s)
     assert not re.search(r"7f3c9e1d", repr(s))
+
+
+# --- KNACK_TIMEOUT: Knack's own request timeout, ESB_TIMEOUT's value unless set ----------------------------------
+
+def test_knack_timeout_defaults_to_esb_timeout(env):
+    assert load_settings("data-tracker", env, config.CONFIG).knack_timeout == 30.0
+    env["ESB_TIMEOUT"] = "12.5"
+    s = load_settings("data-tracker", env, config.CONFIG)
+    assert s.knack_timeout == 12.5 and s.esb_timeout == 12.5
+
+
+def test_knack_timeout_is_read_apart_from_esb_timeout(env):
+    env["ESB_TIMEOUT"] = "40"
+    env["KNACK_TIMEOUT"] = " 7 "
+    s = load_settings("data-tracker", env, config.CONFIG)
+    assert s.knack_timeout == 7.0 and s.esb_timeout == 40.0
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "0", "nan", "inf", "1e400"])
+def test_knack_timeout_is_validated_like_esb_timeout(env, value):
+    env["KNACK_TIMEOUT"] = value
+    with pytest.raises(ConfigError) as err:
+        load_settings("data-tracker", env, config.CONFIG)
+    assert "KNACK_TIMEOUT" in str(err.value) and "ESB_TIMEOUT" not in str(err.value)
