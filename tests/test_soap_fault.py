@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from knack311.esb import EXCERPT_CHARS, Body, Verdict, excerpt, judge, one_line, read_body, soap_fault
+from knack311.esb_answers import EXCERPT_CHARS, Body, Verdict, excerpt, judge, one_line, read_body, soap_fault
 
 SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"
 SOAP12 = "http://www.w3.org/2003/05/soap-envelope"
