@@ -26,6 +26,7 @@ import ssl
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -39,7 +40,7 @@ from urllib3.util.retry import Retry
 from urllib3.util.ssl_ import create_urllib3_context
 
 from .errors import ConfigError, RecordError
-from .esb_answers import RETRY_STATUSES, Verdict, judge, one_line
+from .esb_answers import Verdict, judge, one_line
 from .http import AnswerTooLarge, RetryStopped, read_capped, with_stop
 from .stopping import CutShort, Stop
 
@@ -75,6 +76,9 @@ class ESBUncertain(ESBUnreachable):
     def __init__(self, message: str, *, by_signal: bool = False):
         super().__init__(message)
         self.by_signal = by_signal
+
+
+BeforeTry = Callable[[int, int, str], None]  # (this try's number, tries in all, what the last answer said)
 
 
 @dataclass(frozen=True)
@@ -344,34 +348,60 @@ class ESBClient:
     def close(self) -> None:
         self._session.close()
 
-    def deliver(self, body: bytes) -> Delivery:
+    def deliver(self, body: bytes, before_try: BeforeTry | None = None) -> Delivery:
         """POST one message: return on acceptance; raise RecordError on rejection, ESBUncertain when the outcome
-        is unknown, ESBUnreachable when the ESB certainly did not take it."""
+        is unknown, ESBUnreachable when the ESB certainly did not take it.
+
+        `before_try(number, tries, previous)` is called before every try after the first (`previous`: what the
+        last answer said), so the journal can say which try was under way should the run die during it.
+        """
         retry = with_stop(Retry(total=self._attempts - 1, status=self._attempts - 1, backoff_factor=self._backoff,
-                                status_forcelist=RETRY_STATUSES, allowed_methods=None, raise_on_status=False),
-                          self._stop)
-        attempts = 0
+                                allowed_methods=None, raise_on_status=False), self._stop)
+        attempts, line = 0, ""
+        may_have_it = ""  # an earlier try's 500: from then on, nothing short of acceptance settles the doubt
         while True:
             attempts += 1
-            reply = self._post(body)
+            if attempts > 1 and before_try is not None:
+                before_try(attempts, self._attempts, line)
+            try:
+                reply = self._post(body)
+            except ESBUncertain:
+                raise
+            except ESBUnreachable as exc:
+                if may_have_it:
+                    raise ESBUncertain(f"{exc}; {may_have_it}") from None
+                raise
             verdict, line = judge(reply.status, reply.reason, reply.body, too_large=reply.too_large,
                                   charset=reply.charset, location=reply.location)
             if verdict is Verdict.ACCEPTED:
                 return Delivery(status=reply.status, attempts=attempts)
-            if verdict is Verdict.REJECTED:
-                raise RecordError(line)
             if verdict is Verdict.UNKNOWN:
                 raise ESBUncertain(line)
+            if may_have_it and verdict in (Verdict.REJECTED, Verdict.MISDIRECTED):
+                raise ESBUncertain(f"{line}; {may_have_it}")
+            if verdict is Verdict.REJECTED:
+                raise RecordError(line)
             if verdict is Verdict.MISDIRECTED:
                 raise ESBUnreachable(line, lasting=True)
+            if verdict is Verdict.SERVICE_ERROR:
+                may_have_it = f"try {attempts} of {self._attempts} answered HTTP 500: it may have the message"
             try:
                 retry = retry.increment("POST", self._endpoint, response=reply.raw)
                 retry.sleep(reply.raw)
             except MaxRetryError as exc:
                 why = "the run is stopping" if isinstance(exc.reason, RetryStopped) else f"{attempts} tries"
-                raise ESBUnreachable(f"{line}, did not take the message ({why})") from None
+                raise self._gave_up(verdict, line, why, may_have_it) from None
             except RetryStopped:
-                raise ESBUnreachable(f"{line}, did not take the message (no time left to try again)") from None
+                raise self._gave_up(verdict, line, "no time left to try again", may_have_it) from None
+
+    @staticmethod
+    def _gave_up(verdict: Verdict, line: str, why: str, may_have_it: str) -> ESBUnreachable:
+        """The end of the tries: the ESB did not take it (only "not handled" answers), or it may have it."""
+        if verdict is Verdict.SERVICE_ERROR:
+            return ESBUncertain(f"{line} ({why})")
+        if may_have_it:
+            return ESBUncertain(f"{line}, did not take the message ({why}); but {may_have_it}")
+        return ESBUnreachable(f"{line}, did not take the message ({why})")
 
     def _post(self, body: bytes) -> _Reply:
         gate = _WriteGate()

@@ -12,8 +12,11 @@ What each answer means, and why:
   for it, too many requests, unavailable: RFC 9110 15.5.9, RFC 6585 4, RFC 9110 15.6.4). Retried within the
   run, honouring Retry-After, while the run has time; when the tries run out: not taken.
 - 4xx otherwise: rejected, with the start of the answer in the line.
-- 500 without a Fault, and any other 5xx: the service failed while handling the message, maybe after passing
-  it on to 311: unknown, not retried.
+- 500 without a Fault: the service failed while handling the message, maybe after passing it on to 311. The
+  original script retried it ("retry on 500", in production since 2023), so it is tried again within the run
+  (3 tries in all, journalled try by try); if every try gives 500: unknown.
+- any other 5xx: the service failed while handling the message, maybe after passing it on to 311: unknown, not
+  retried.
 - 303 See Other is what a server answers after processing a POST: unknown. Other 3xx (moved, temporary
   redirect): the POST was not processed where it went; ESB_ENDPOINT points at the wrong place, which no
   message will fix: not taken, and the run stops. Redirects are never followed (a POST must not wander).
@@ -33,6 +36,7 @@ SOAP12_NS = "http://www.w3.org/2003/05/soap-envelope"
 EXCERPT_CHARS = 300     # of an answer, in a FAILED line
 RETRY_STATUSES = frozenset({408, 429, 503})  # the server says it did not handle the request
 GATEWAY_STATUSES = frozenset({502, 504})     # a gateway that may have forwarded it
+SERVICE_ERROR_STATUS = 500  # retried like the original script, though the ESB may have the message
 
 
 class Body(enum.Enum):
@@ -128,6 +132,7 @@ class Verdict(enum.Enum):
     REJECTED = "rejected"
     RETRY = "retry"          # not handled; may be tried again
     UNKNOWN = "unknown"      # may have been processed
+    SERVICE_ERROR = "service error"  # 500 without a Fault: may have been processed, yet tried again (3 tries)
     MISDIRECTED = "misdirected"  # not processed, and no message will be: ESB_ENDPOINT is wrong
 
 
@@ -156,4 +161,7 @@ def judge(status: int, reason: str, body: bytes, *, too_large: bool = False, cha
                                      "taken there; check ESB_ENDPOINT")
     if 400 <= status < 500:
         return Verdict.REJECTED, f"ESB rejected the message: {http}; answer: {start}"
+    if status == SERVICE_ERROR_STATUS:
+        return Verdict.SERVICE_ERROR, (f"ESB answered {http} without a SOAP Fault: it may have the message; "
+                                       f"answer: {start}")
     return Verdict.UNKNOWN, f"ESB answered {http} without a SOAP Fault: it may have the message; answer: {start}"
