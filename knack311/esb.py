@@ -2,10 +2,11 @@
 
 Every POST ends in one of four outcomes, each with one meaning for the journal (see run.py):
 - accepted (a Delivery): a 2xx whose body is empty or a SOAP envelope (1.1 or 1.2) without a Fault;
-- rejected (RecordError): the ESB's verdict on this message, a SOAP Fault or a 4xx. Sending it again would be
-  rejected again, so it is not retried; the ESB does not have it;
+- rejected (RecordError): the ESB's verdict on this message, a SOAP Fault, a 4xx or a 2xx whose status says
+  failure. Sending it again would be rejected again, so it is not retried; the ESB does not have it;
 - outcome unknown (ESBUncertain): the ESB, or a gateway in front of it, may have taken the message; sending it
-  again within the run could make a duplicate, so it is not repeated and the journal keeps it `sending`;
+  again within the run could make a duplicate, so it is not repeated (except a 500, which the ESB's users have
+  always retried: 3 tries) and the journal keeps it `sending`;
 - not taken (ESBUnreachable): the request certainly never reached the ESB's service (no connection, a handshake
   that failed before any byte of the request, an answer that says it was not processed).
 

@@ -2,7 +2,10 @@
 one-line excerpt of an answer that a FAILED line quotes.
 
 What each answer means, and why:
-- 2xx, empty or SOAP without Fault: accepted.
+- 2xx, empty or SOAP without Fault: accepted, unless the SOAP answer's submitKnackResponse/status (any
+  namespace) says anything but success (SUCCESS_STATUSES, case-insensitive): rejected, as a Fault would be, since
+  the ESB's service itself said it did not take the message. No status element: accepted (the ESB's full
+  contract is not known to us, and its answers without one have always meant success).
 - 2xx with anything else (an HTML "Access denied" page, JSON, text, over 1 MB): not the ESB's service speaking,
   but a proxy, a gateway or a login page that may or may not have passed the message on: unknown.
 - a SOAP Fault, whatever the status (SOAP 1.1 services answer a Fault with 500, some with 200): rejected.
@@ -37,12 +40,16 @@ EXCERPT_CHARS = 300     # of an answer, in a FAILED line
 RETRY_STATUSES = frozenset({408, 429, 503})  # the server says it did not handle the request
 GATEWAY_STATUSES = frozenset({502, 504})     # a gateway that may have forwarded it
 SERVICE_ERROR_STATUS = 500  # retried like the original script, though the ESB may have the message
+# What a submitKnackResponse/status that means success says (compared case-insensitively, spaces stripped).
+SUCCESS_STATUSES = frozenset({"success", "successful", "ok"})
+STATUS_CHARS = 60  # of a status value, in a FAILED line
 
 
 class Body(enum.Enum):
     EMPTY = "empty"
     SOAP = "soap"    # a SOAP 1.1 or 1.2 envelope without a Fault
     FAULT = "fault"  # a SOAP envelope whose Body holds a Fault
+    REFUSED = "refused"  # a SOAP envelope without a Fault whose submitKnackResponse/status is not a success
     OTHER = "other"  # anything else: HTML, JSON, text, XML that is not SOAP, bytes that do not parse
 
 
@@ -52,7 +59,8 @@ def _parser() -> etree.XMLParser:
 
 
 def read_body(body: bytes) -> tuple[Body, str]:
-    """What an ESB answer body is, and for a Fault its text ("" when it has none).
+    """What an ESB answer body is, and for a Fault its text ("" when it has none); for a refusal, its status
+    and the text of the answer (never its markup, which a cut could leave mid-tag).
 
     lxml reads the encoding from a BOM or the XML declaration, so a UTF-16 Fault is found too. A Fault counts
     with or without a namespace of its own, as long as it is a child of a SOAP Body: some services put a bare
@@ -79,7 +87,32 @@ def read_body(body: bytes) -> tuple[Body, str]:
     for child in soap_body:
         if isinstance(child.tag, str) and etree.QName(child).localname == "Fault":
             return Body.FAULT, _fault_text(child)
+    refusal = _refusal(soap_body)
+    if refusal:
+        return Body.REFUSED, refusal
     return Body.SOAP, ""
+
+
+def _refusal(soap_body: etree._Element) -> str:
+    """For a submitKnackResponse whose status is not a success: its status and the answer's text; else "".
+
+    Only the status elements directly under submitKnackResponse count (either in any namespace, as SOAP stacks
+    differ on qualifying them); one that is not a success is enough. An empty status says no success either.
+    """
+    statuses = soap_body.xpath("*[local-name()='submitKnackResponse']/*[local-name()='status']")
+    refused = [s for s in statuses if "".join(s.itertext()).strip().lower() not in SUCCESS_STATUSES]
+    if not refused:
+        return ""
+    status = one_line("".join(refused[0].itertext()), STATUS_CHARS)
+    return f"status {status!r}; the answer says: {answer_text(soap_body)}"
+
+
+def answer_text(element: etree._Element, limit: int = EXCERPT_CHARS) -> str:
+    """The text content of an answer, one line, at most `limit` characters (an ellipsis marks a cut)."""
+    text = " ".join(" ".join(element.itertext()).split())
+    if len(text) > limit:
+        text = text[:limit - 3].rstrip() + "..."
+    return one_line(text, limit) or "(no text)"
 
 
 def _fault_text(fault: etree._Element) -> str:
@@ -150,6 +183,8 @@ def judge(status: int, reason: str, body: bytes, *, too_large: bool = False, cha
     if kind is Body.FAULT:
         return Verdict.REJECTED, f"ESB answered a SOAP Fault ({http}): {fault or 'no fault text'}; answer: {start}"
     if 200 <= status < 300:
+        if kind is Body.REFUSED:
+            return Verdict.REJECTED, f"ESB refused the message: {http} with submitKnackResponse {fault}"
         if kind in (Body.EMPTY, Body.SOAP):
             return Verdict.ACCEPTED, http
         return Verdict.UNKNOWN, (f"ESB answered {http}, but not with SOAP (a proxy or gateway page?): it may or may "
