@@ -54,7 +54,7 @@ EXECUTION_TIMEOUT = timedelta(seconds=MAX_RUNTIME + 40)
 EXIT_ANOTHER_RUN_ACTIVE = 75
 
 # Never shown in the Airflow UI or the task's rendered fields.
-SECRET_VARIABLES = frozenset({"KNACK_API_KEY", "ESB_KEY_PASSWORD", "HEALTHCHECK_URL"})
+SECRET_VARIABLES = frozenset({"KNACK_API_KEY", "ESB_KEY_PASSWORD", "HEALTHCHECK_URL", "ESB_PROXY"})
 
 
 def app_environment(app: str) -> tuple[dict[str, str], dict[str, str]]:

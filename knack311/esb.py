@@ -37,11 +37,13 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPSConnectionPool
 from urllib3.exceptions import InsecureRequestWarning, MaxRetryError, NameResolutionError, NewConnectionError
+from urllib3.exceptions import ProxyError as Urllib3ProxyError
 from urllib3.util.retry import Retry
 from urllib3.util.ssl_ import create_urllib3_context
 
 from .errors import ConfigError, RecordError
 from .esb_answers import Verdict, judge, one_line
+from .esb_proxy import TunnelRefused, lasting, open_tunnel, proxy_address, refusal_line, tunnel_refusal
 from .http import AnswerTooLarge, RetryStopped, read_capped, with_stop
 from .stopping import CutShort, Stop
 
@@ -142,13 +144,14 @@ class Handshake:
     where: str               # host:port
     tls_version: str         # "TLSv1.3"
     server_certificate: bytes  # DER, as the ESB presented it (empty when it sent none)
+    proxy: str = ""          # host:port of ESB_PROXY when the handshake went through its tunnel
 
 
 HANDSHAKE_SETTLE = 2.0  # seconds to wait for a TLS 1.3 server's verdict on our certificate
 
 
 def handshake(endpoint: str, *, cert: str, key: str, key_password: str, verify: bool | str, timeout: float,
-              settle: float = HANDSHAKE_SETTLE) -> Handshake:
+              settle: float = HANDSHAKE_SETTLE, proxy: str = "") -> Handshake:
     """A TLS handshake with the ESB presenting our client certificate, and no request: the pre-flight's probe.
 
     With TLS 1.3 the client's side of the handshake is complete before the server has looked at our certificate:
@@ -157,8 +160,8 @@ def handshake(endpoint: str, *, cert: str, key: str, key_password: str, verify: 
     the client's certificate) or nothing until a request. It waits for either at most `settle` seconds.
 
     Everything within `timeout` (ESB_TIMEOUT). Raises ConfigError when our certificate and key cannot be used,
-    ESBUnreachable when the handshake fails, its message naming ESB_CERT, ESB_CA_BUNDLE or ESB_ENDPOINT as a
-    POST's failure would.
+    ESBUnreachable when the handshake fails, its message naming ESB_CERT, ESB_CA_BUNDLE, ESB_ENDPOINT or ESB_PROXY
+    as a POST's failure would. With `proxy` (ESB_PROXY), through its CONNECT tunnel, as every POST goes.
     """
     parsed = urlparse(endpoint)
     try:
@@ -171,8 +174,14 @@ def handshake(endpoint: str, *, cert: str, key: str, key_password: str, verify: 
     def shake() -> Handshake:
         started = time.monotonic()
         try:
-            raw = socket.create_connection((host, port), timeout=min(10.0, timeout))
+            raw = (open_tunnel(proxy, host, port, min(10.0, timeout)) if proxy
+                   else socket.create_connection((host, port), timeout=min(10.0, timeout)))
+        except TunnelRefused as refusal:
+            raise ESBUnreachable(refusal_line(proxy, where, refusal)) from None
         except OSError as exc:
+            if proxy:
+                raise ESBUnreachable(f"cannot connect to ESB_PROXY {proxy_address(proxy)} ({_socket_reason(exc)}), "
+                                     f"the proxy on the way to the ESB at {where}: check ESB_PROXY") from None
             raise ESBUnreachable(f"cannot connect to the ESB at {where} ({_socket_reason(exc)}): check ESB_ENDPOINT "
                                  "and the route to it") from None
         try:
@@ -183,7 +192,8 @@ def handshake(endpoint: str, *, cert: str, key: str, key_password: str, verify: 
                         tls, min(settle, max(0.0, timeout - (time.monotonic() - started)))):
                     raise ESBUnreachable(f"the ESB at {where} closed the connection right after the TLS handshake, "
                                          f"without a word: it may not accept our client certificate (ESB_CERT {cert})")
-                return Handshake(where, version, tls.getpeercert(binary_form=True) or b"")
+                return Handshake(where, version, tls.getpeercert(binary_form=True) or b"",
+                                 proxy_address(proxy) if proxy else "")
         except ssl.SSLError as exc:
             detail = _tls_detail(exc, exc)
             trust_failure = _trust_failure(exc, detail, cert, verify)
@@ -297,6 +307,13 @@ class _ESBAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {**self.poolmanager.pool_classes_by_scheme,
                                                    "https": _ESBConnectionPool}
 
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        # ESB_PROXY: the pools behind the CONNECT tunnel need our TLS context and connections just as much
+        if proxy not in self.proxy_manager:
+            manager = super().proxy_manager_for(proxy, ssl_context=self._context, **proxy_kwargs)
+            manager.pool_classes_by_scheme = {**manager.pool_classes_by_scheme, "https": _ESBConnectionPool}
+        return self.proxy_manager[proxy]
+
     def build_connection_pool_key_attributes(self, request, verify, cert=None):
         host_params, _ = super().build_connection_pool_key_attributes(request, verify, None)
         return host_params, {"cert_reqs": self._context.verify_mode}
@@ -321,8 +338,11 @@ class _Reply:
 
 class ESBClient:
     def __init__(self, endpoint: str, *, cert: str, key: str, verify: bool | str, timeout: float,
-                 attempts: int = 3, backoff: float = 0.5, stop: Stop | None = None, key_password: str = ""):
+                 attempts: int = 3, backoff: float = 0.5, stop: Stop | None = None, key_password: str = "",
+                 proxy: str = ""):
+        """proxy: ESB_PROXY, an http:// CONNECT proxy (settings.esb_proxy_setting checked it); "" for none."""
         self._endpoint = endpoint
+        self._proxy = proxy
         parsed = urlparse(endpoint)
         self._where = f"{parsed.hostname}:{parsed.port or 443}"
         self._cert = cert
@@ -340,6 +360,8 @@ class ESBClient:
         # Only our own settings decide TLS trust and routing to the ESB: without this, requests lets
         # REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE silently replace ESB_CA_BUNDLE and proxies reroute the POST.
         self._session.trust_env = False
+        if proxy:
+            self._session.proxies = {"https": proxy}  # explicit, so it holds with trust_env off (NO_PROXY too)
         self._session.headers.update({"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'})
         # urllib3 retries a failed connect (the request never left); nothing that may have reached the ESB.
         connect_retry = Retry(total=attempts - 1, connect=attempts - 1, read=0, status=0, other=0, redirect=0,
@@ -444,6 +466,8 @@ class ESBClient:
         reason = exc.args[0] if exc.args else exc
         if isinstance(reason, MaxRetryError):
             reason = reason.reason
+        if self._proxy and (isinstance(exc, requests.exceptions.ProxyError) or isinstance(reason, Urllib3ProxyError)):
+            return self._proxy_failure(reason)
         tls = _ssl_error(reason)
         if tls is not None or isinstance(exc, requests.exceptions.SSLError):
             detail = _tls_detail(tls, reason)
@@ -466,6 +490,18 @@ class ESBClient:
         if written:
             return ESBUncertain(f"no answer from the ESB ({_transport_reason(exc, reason)}); it may have the message")
         return ESBUnreachable(f"cannot connect to the ESB at {self._where} ({_connect_reason(reason)})")
+
+
+    def _proxy_failure(self, reason: object) -> ESBUnreachable:
+        """ESB_PROXY refused the tunnel or could not be reached: the request never left for the ESB."""
+        original = getattr(reason, "original_error", None) or reason
+        refused = tunnel_refusal(str(original))
+        if refused is not None:
+            refusal = TunnelRefused(*refused)
+            return ESBUnreachable(refusal_line(self._proxy, self._where, refusal), lasting=lasting(refusal))
+        return ESBUnreachable(f"cannot connect to ESB_PROXY {proxy_address(self._proxy)} "
+                              f"({_connect_reason(original)}), the proxy on the way to the ESB at {self._where}: "
+                              "check ESB_PROXY")
 
 
 def _trust_failure(tls: ssl.SSLError | None, detail: str, cert: str, verify: bool | str) -> str | None:

@@ -14,6 +14,7 @@ from urllib3.util import parse_url
 from . import pacing
 from .errors import ConfigError
 from .esb import tls_context
+from .esb_proxy import esb_proxy_setting
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,6 +75,7 @@ class Settings:
     workers: int = DEFAULT_WORKERS
     esb_max_in_flight: int | None = None  # ESB_MAX_IN_FLIGHT; None: as many as workers
     knack_plan_reserve: int | None = None  # KNACK_PLAN_RESERVE; None: 10% of Knack's daily plan limit
+    esb_proxy: str = field(default="", repr=False)  # ESB_PROXY, "" for none; may hold credentials: never printed
 
     @property
     def esb_in_flight(self) -> int:
@@ -137,6 +139,7 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
     for name in ("KNACK_APP_ID", "KNACK_API_KEY"):
         _header_safe(env[name].strip(), name)
     esb_endpoint = _esb_endpoint(env["ESB_ENDPOINT"].strip())
+    esb_proxy = esb_proxy_setting(env.get("ESB_PROXY", ""))
 
     esb_timeout = _positive_number(env, "ESB_TIMEOUT", 30.0)
     knack_max_rps = _positive_number(env, "KNACK_MAX_RPS", pacing.DEFAULT_MAX_RPS)
@@ -183,6 +186,7 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
         esb_cert=esb_cert, esb_key=esb_key, esb_verify=esb_verify, esb_timeout=esb_timeout,
         state_dir=state_dir, dry_run=dry_run, max_runtime=max_runtime, esb_key_password=esb_key_password,
         workers=workers, esb_max_in_flight=esb_max_in_flight, knack_plan_reserve=knack_plan_reserve,
+        esb_proxy=esb_proxy,
     )
 
 
