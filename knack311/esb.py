@@ -423,7 +423,7 @@ class ESBClient:
         if verdict is Verdict.SERVICE_ERROR:
             return ESBUncertain(f"{line} ({why})")
         if may_have_it:
-            return ESBUncertain(f"{line}, did not take the message ({why}); but {may_have_it}")
+            return ESBUncertain(f"{line}, did not take the message ({why}); {may_have_it}")
         return ESBUnreachable(f"{line}, did not take the message ({why})")
 
     def _post(self, body: bytes) -> _Reply:
