@@ -5,8 +5,8 @@ Every POST ends in one of four outcomes, each with one meaning for the journal (
 - rejected (RecordError): the ESB's verdict on this message, a SOAP Fault, a 4xx or a 2xx whose status says
   failure. Sending it again would be rejected again, so it is not retried; the ESB does not have it;
 - outcome unknown (ESBUncertain): the ESB, or a gateway in front of it, may have taken the message; sending it
-  again within the run could make a duplicate, so it is not repeated (except a 500, which the ESB's users have
-  always retried: 3 tries) and the journal keeps it `sending`;
+  again within the run could make a duplicate, so it is not repeated (except a 500, which the original script
+  has retried in production since 2023: 3 tries) and the journal keeps it `sending`;
 - not taken (ESBUnreachable): the request certainly never reached the ESB's service (no connection, a handshake
   that failed before any byte of the request, an answer that says it was not processed).
 
