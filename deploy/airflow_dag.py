@@ -79,7 +79,7 @@ EXIT_ANOTHER_RUN_ACTIVE = 75
 EXIT_MEANINGS = {1: "a record failed or the run stopped early", 2: "configuration error"}  # README's exit codes
 
 # Never shown in the Airflow UI or the task's rendered fields.
-SECRET_VARIABLES = frozenset({"KNACK_API_KEY", "ESB_KEY_PASSWORD", "HEALTHCHECK_URL"})
+SECRET_VARIABLES = frozenset({"KNACK_API_KEY", "ESB_KEY_PASSWORD", "HEALTHCHECK_URL", "ESB_PROXY"})
 
 log = logging.getLogger(__name__)
 

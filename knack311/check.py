@@ -33,6 +33,7 @@ from cryptography.x509.oid import NameOID
 
 from .errors import ConfigError, OutageError
 from .esb import ESBUnreachable, Handshake, handshake
+from .esb_proxy import esb_proxy_setting, proxy_address
 from .fields import resolve_timezone
 from .healthcheck import healthcheck_url, ping_host
 from .journal import journal_path
@@ -116,11 +117,19 @@ def check_environment(env: Mapping[str, str], app_name: str = "") -> list[Row]:
             except ConfigError as exc:
                 rows.append(Row(name, FAIL, str(exc)))
 
+    optional("ESB_PROXY", _proxy_detail)
     optional("METRICS_FILE", lambda v: str(metrics_path(v, app_name or "{app}")))
     optional("HEALTHCHECK_URL", lambda v: f"pings {ping_host(healthcheck_url(v))} (path not shown: it is the key)")
     optional("LOG_FORMAT", lambda v: log_format_setting(None, env))
     optional("PROGRESS", lambda v: "bar on" if progress_setting(False, env) else "bar off")
     return rows
+
+
+def _proxy_detail(value: str) -> str:
+    proxy = esb_proxy_setting(value)
+    credentials = ", with credentials (not shown)" if "@" in proxy else ""
+    return (f"http://{proxy_address(proxy)}{credentials}: POSTs and the TLS handshake go through its CONNECT tunnel; "
+            "TLS and ESB_CERT stay end to end")
 
 
 # --- config.py against the Knack app metadata -----------------------------------------------------------------
@@ -386,7 +395,8 @@ HANDSHAKE = "ESB TLS handshake"
 
 def handshake_row(result: Handshake, now: dt.datetime, warn_days: int = CERT_WARN_DAYS) -> Row:
     """A handshake the ESB completed: the TLS version and the certificate the ESB presented, with its days left."""
-    accepted = f"{result.where}: {result.tls_version}, ESB_CERT accepted"
+    via = f" through ESB_PROXY {result.proxy}" if result.proxy else ""
+    accepted = f"{result.where}{via}: {result.tls_version}, ESB_CERT accepted"
     try:
         server = x509.load_der_x509_certificate(result.server_certificate)
     except ValueError:
@@ -459,7 +469,8 @@ class NetworkProbes:
         s = self._settings
         try:
             result = handshake(s.esb_endpoint, cert=str(s.esb_cert), key=str(s.esb_key),
-                               key_password=s.esb_key_password, verify=s.esb_verify, timeout=s.esb_timeout)
+                               key_password=s.esb_key_password, verify=s.esb_verify, timeout=s.esb_timeout,
+                               proxy=s.esb_proxy)
         except ESBUnreachable as exc:
             return Row(HANDSHAKE, FAIL, str(exc))
         return handshake_row(result, self._now)

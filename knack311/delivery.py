@@ -167,7 +167,12 @@ class RecordSender:
                 self.emit("resend_in_doubt", f"{why}: sending again, 311 may receive it twice", level=WARNING,
                           record=activity)
             self.journal.set(record_id, SENDING, activity.emi_id, digest)
-            delivery = self.esb.deliver(body)
+
+            def before_try(number: int, tries: int, previous: str) -> None:
+                # still `sending`: should the run die during this try, the next run warns, and says which try
+                self.journal.set(record_id, SENDING, note=f"try {number} of {tries}, after: {previous}")
+
+            delivery = self.esb.deliver(body, before_try)
         except RecordError as exc:
             self.journal.forget(record_id)  # rejected: the ESB does not have it
             return Result(Outcome.FAILED, f"{exc}: fix what the ESB names, then the next run sends it again")

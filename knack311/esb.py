@@ -2,29 +2,15 @@
 
 Every POST ends in one of four outcomes, each with one meaning for the journal (see run.py):
 - accepted (a Delivery): a 2xx whose body is empty or a SOAP envelope (1.1 or 1.2) without a Fault;
-- rejected (RecordError): the ESB's verdict on this message, a SOAP Fault or a 4xx. Sending it again would be
-  rejected again, so it is not retried; the ESB does not have it;
+- rejected (RecordError): the ESB's verdict on this message, a SOAP Fault, a 4xx or a 2xx whose status says
+  failure. Sending it again would be rejected again, so it is not retried; the ESB does not have it;
 - outcome unknown (ESBUncertain): the ESB, or a gateway in front of it, may have taken the message; sending it
-  again within the run could make a duplicate, so it is not repeated and the journal keeps it `sending`;
+  again within the run could make a duplicate, so it is not repeated (except a 500, which the original script
+  has retried in production since 2023: 3 tries) and the journal keeps it `sending`;
 - not taken (ESBUnreachable): the request certainly never reached the ESB's service (no connection, a handshake
   that failed before any byte of the request, an answer that says it was not processed).
 
-What each answer means, and why:
-- 2xx, empty or SOAP without Fault: accepted.
-- 2xx with anything else (an HTML "Access denied" page, JSON, text, over 1 MB): not the ESB's service speaking,
-  but a proxy, a gateway or a login page that may or may not have passed the message on: unknown.
-- a SOAP Fault, whatever the status (SOAP 1.1 services answer a Fault with 500, some with 200): rejected.
-- 502, 504: a gateway that may have forwarded the message before its upstream failed or timed out: unknown,
-  even with a Fault in the body (a gateway's Fault is about its upstream, not about the message).
-- 408, 429, 503 (with or without a Fault): the server says it did not handle the request (timed out waiting
-  for it, too many requests, unavailable: RFC 9110 15.5.9, RFC 6585 4, RFC 9110 15.6.4). Retried within the
-  run, honouring Retry-After, while the run has time; when the tries run out: not taken.
-- 4xx otherwise: rejected, with the start of the answer in the line.
-- 500 without a Fault, and any other 5xx: the service failed while handling the message, maybe after passing
-  it on to 311: unknown, not retried.
-- 303 See Other is what a server answers after processing a POST: unknown. Other 3xx (moved, temporary
-  redirect): the POST was not processed where it went; ESB_ENDPOINT points at the wrong place, which no
-  message will fix: not taken, and the run stops. Redirects are never followed (a POST must not wander).
+What each answer means, and why: see esb_answers.py, which judges an answer without any I/O.
 
 Time: each POST (connect, request, whole answer) runs through Stop.call with a total deadline of ESB_TIMEOUT,
 because requests' timeouts bound single socket reads and an answer trickling one byte a second never trips
@@ -34,40 +20,34 @@ them. The answer is read up to ANSWER_LIMIT bytes. Connect failures are retried 
 
 from __future__ import annotations
 
-import codecs
-import enum
 import errno
 import os
 import socket
 import ssl
 import threading
 import time
-import unicodedata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import certifi
 import requests
-from lxml import etree
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPSConnectionPool
 from urllib3.exceptions import InsecureRequestWarning, MaxRetryError, NameResolutionError, NewConnectionError
+from urllib3.exceptions import ProxyError as Urllib3ProxyError
 from urllib3.util.retry import Retry
 from urllib3.util.ssl_ import create_urllib3_context
 
 from .errors import ConfigError, RecordError
+from .esb_answers import Verdict, judge, one_line
+from .esb_proxy import TunnelRefused, lasting, open_tunnel, proxy_address, refusal_line, tunnel_refusal
 from .http import AnswerTooLarge, RetryStopped, read_capped, with_stop
 from .stopping import CutShort, Stop
 
-SOAP11_NS = "http://schemas.xmlsoap.org/soap/envelope/"
-SOAP12_NS = "http://www.w3.org/2003/05/soap-envelope"
-
 ANSWER_LIMIT = 1 << 20  # bytes: the ESB's answer to one message is a few hundred
-EXCERPT_CHARS = 300     # of an answer, in a FAILED line
-RETRY_STATUSES = frozenset({408, 429, 503})  # the server says it did not handle the request
-GATEWAY_STATUSES = frozenset({502, 504})     # a gateway that may have forwarded it
 
 # OpenSSL's names for the alerts a server sends when it refuses the client's certificate. Received alerts read
 # "... alert ..." ("tlsv13 alert certificate required"); our own verification of the server never does.
@@ -101,136 +81,13 @@ class ESBUncertain(ESBUnreachable):
         self.by_signal = by_signal
 
 
+BeforeTry = Callable[[int, int, str], None]  # (this try's number, tries in all, what the last answer said)
+
+
 @dataclass(frozen=True)
 class Delivery:
     status: int
     attempts: int
-
-
-# ----- reading an answer (pure) -----------------------------------------------------------------------------------
-
-class Body(enum.Enum):
-    EMPTY = "empty"
-    SOAP = "soap"    # a SOAP 1.1 or 1.2 envelope without a Fault
-    FAULT = "fault"  # a SOAP envelope whose Body holds a Fault
-    OTHER = "other"  # anything else: HTML, JSON, text, XML that is not SOAP, bytes that do not parse
-
-
-def _parser() -> etree.XMLParser:
-    # The answer comes from the network: no entity expansion, no DTD, nothing fetched, no unbounded trees.
-    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
-
-
-def read_body(body: bytes) -> tuple[Body, str]:
-    """What an ESB answer body is, and for a Fault its text ("" when it has none).
-
-    lxml reads the encoding from a BOM or the XML declaration, so a UTF-16 Fault is found too. A Fault counts
-    with or without a namespace of its own, as long as it is a child of a SOAP Body: some services put a bare
-    <Fault> there.
-    """
-    if not body.strip():
-        return Body.EMPTY, ""
-    root = None
-    # Leading whitespace before the XML declaration is an error to lxml; some SOAP stacks emit it anyway.
-    for candidate in (body, body.lstrip()):
-        try:
-            root = etree.fromstring(candidate, _parser())
-            break
-        except (etree.XMLSyntaxError, ValueError):
-            continue
-    if root is None or not isinstance(root.tag, str):
-        return Body.OTHER, ""
-    name = etree.QName(root)
-    if name.localname != "Envelope" or name.namespace not in (SOAP11_NS, SOAP12_NS):
-        return Body.OTHER, ""
-    soap_body = root.find(f"{{{name.namespace}}}Body")
-    if soap_body is None:
-        return Body.SOAP, ""
-    for child in soap_body:
-        if isinstance(child.tag, str) and etree.QName(child).localname == "Fault":
-            return Body.FAULT, _fault_text(child)
-    return Body.SOAP, ""
-
-
-def _fault_text(fault: etree._Element) -> str:
-    # SOAP 1.1: faultstring (unqualified by the spec, qualified by some stacks); SOAP 1.2: Reason/Text.
-    for path in (".//*[local-name()='faultstring']", ".//*[local-name()='Reason']/*[local-name()='Text']"):
-        found = fault.xpath(path)
-        if found:
-            return one_line("".join(found[0].itertext()), 200)
-    return ""
-
-
-def soap_fault(body: bytes) -> str | None:
-    """The fault text of a SOAP Fault in body, "" for a Fault without text, None if the body holds no Fault."""
-    kind, text = read_body(body)
-    return text if kind is Body.FAULT else None
-
-
-def one_line(text: str, limit: int) -> str:
-    """Text for a log line: whitespace runs made one space, cut to `limit` characters, control and format
-    characters escaped (a newline or an ANSI escape in an answer must not forge or colour a line)."""
-    text = " ".join(text.split())[:limit]
-    return "".join(ch if unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp") else _escape(ch) for ch in text)
-
-
-def _escape(ch: str) -> str:
-    code = ord(ch)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def excerpt(body: bytes, charset: str | None = None) -> str:
-    """The start of an answer body, one line: EXCERPT_CHARS characters, decoded by BOM, charset or as UTF-8."""
-    if not body:
-        return "(empty)"
-    head = body[:EXCERPT_CHARS * 4]
-    encoding = charset or "utf-8"
-    for bom, bom_encoding in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
-                              (codecs.BOM_UTF16_BE, "utf-16")):
-        if head.startswith(bom):
-            encoding = bom_encoding
-            break
-    try:
-        text = head.decode(encoding, "replace")
-    except LookupError:
-        text = head.decode("utf-8", "replace")
-    return one_line(text, EXCERPT_CHARS)
-
-
-class Verdict(enum.Enum):
-    ACCEPTED = "accepted"
-    REJECTED = "rejected"
-    RETRY = "retry"          # not handled; may be tried again
-    UNKNOWN = "unknown"      # may have been processed
-    MISDIRECTED = "misdirected"  # not processed, and no message will be: ESB_ENDPOINT is wrong
-
-
-def judge(status: int, reason: str, body: bytes, *, too_large: bool = False, charset: str | None = None,
-          location: str = "") -> tuple[Verdict, str]:
-    """The meaning of one ESB answer (see the module docstring for the table), and a line that says it."""
-    http = one_line(f"HTTP {status} {reason}", 100)
-    start = "(over 1 MB, not read)" if too_large else excerpt(body, charset)
-    location = one_line(location, 200) or "?"
-    if status in GATEWAY_STATUSES:
-        return Verdict.UNKNOWN, f"a gateway answered {http}: it may have forwarded the message; answer: {start}"
-    if status in RETRY_STATUSES:
-        return Verdict.RETRY, f"ESB answered {http}"
-    kind, fault = (Body.OTHER, "") if too_large else read_body(body)
-    if kind is Body.FAULT:
-        return Verdict.REJECTED, f"ESB answered a SOAP Fault ({http}): {fault or 'no fault text'}; answer: {start}"
-    if 200 <= status < 300:
-        if kind in (Body.EMPTY, Body.SOAP):
-            return Verdict.ACCEPTED, http
-        return Verdict.UNKNOWN, (f"ESB answered {http}, but not with SOAP (a proxy or gateway page?): it may or may "
-                                 f"not have the message; answer: {start}")
-    if status == 303:
-        return Verdict.UNKNOWN, f"ESB answered {http} (a POST processed elsewhere?) to {location}"
-    if 300 <= status < 400:
-        return Verdict.MISDIRECTED, (f"ESB_ENDPOINT answered {http} to {location}: the message was not "
-                                     "taken there; check ESB_ENDPOINT")
-    if 400 <= status < 500:
-        return Verdict.REJECTED, f"ESB rejected the message: {http}; answer: {start}"
-    return Verdict.UNKNOWN, f"ESB answered {http} without a SOAP Fault: it may have the message; answer: {start}"
 
 
 # ----- TLS ----------------------------------------------------------------------------------------------------------
@@ -287,13 +144,14 @@ class Handshake:
     where: str               # host:port
     tls_version: str         # "TLSv1.3"
     server_certificate: bytes  # DER, as the ESB presented it (empty when it sent none)
+    proxy: str = ""          # host:port of ESB_PROXY when the handshake went through its tunnel
 
 
 HANDSHAKE_SETTLE = 2.0  # seconds to wait for a TLS 1.3 server's verdict on our certificate
 
 
 def handshake(endpoint: str, *, cert: str, key: str, key_password: str, verify: bool | str, timeout: float,
-              settle: float = HANDSHAKE_SETTLE) -> Handshake:
+              settle: float = HANDSHAKE_SETTLE, proxy: str = "") -> Handshake:
     """A TLS handshake with the ESB presenting our client certificate, and no request: the pre-flight's probe.
 
     With TLS 1.3 the client's side of the handshake is complete before the server has looked at our certificate:
@@ -302,8 +160,8 @@ def handshake(endpoint: str, *, cert: str, key: str, key_password: str, verify: 
     the client's certificate) or nothing until a request. It waits for either at most `settle` seconds.
 
     Everything within `timeout` (ESB_TIMEOUT). Raises ConfigError when our certificate and key cannot be used,
-    ESBUnreachable when the handshake fails, its message naming ESB_CERT, ESB_CA_BUNDLE or ESB_ENDPOINT as a
-    POST's failure would.
+    ESBUnreachable when the handshake fails, its message naming ESB_CERT, ESB_CA_BUNDLE, ESB_ENDPOINT or ESB_PROXY
+    as a POST's failure would. With `proxy` (ESB_PROXY), through its CONNECT tunnel, as every POST goes.
     """
     parsed = urlparse(endpoint)
     try:
@@ -316,8 +174,14 @@ def handshake(endpoint: str, *, cert: str, key: str, key_password: str, verify: 
     def shake() -> Handshake:
         started = time.monotonic()
         try:
-            raw = socket.create_connection((host, port), timeout=min(10.0, timeout))
+            raw = (open_tunnel(proxy, host, port, min(10.0, timeout)) if proxy
+                   else socket.create_connection((host, port), timeout=min(10.0, timeout)))
+        except TunnelRefused as refusal:
+            raise ESBUnreachable(refusal_line(proxy, where, refusal)) from None
         except OSError as exc:
+            if proxy:
+                raise ESBUnreachable(f"cannot connect to ESB_PROXY {proxy_address(proxy)} ({_socket_reason(exc)}), "
+                                     f"the proxy on the way to the ESB at {where}: check ESB_PROXY") from None
             raise ESBUnreachable(f"cannot connect to the ESB at {where} ({_socket_reason(exc)}): check ESB_ENDPOINT "
                                  "and the route to it") from None
         try:
@@ -328,7 +192,8 @@ def handshake(endpoint: str, *, cert: str, key: str, key_password: str, verify: 
                         tls, min(settle, max(0.0, timeout - (time.monotonic() - started)))):
                     raise ESBUnreachable(f"the ESB at {where} closed the connection right after the TLS handshake, "
                                          f"without a word: it may not accept our client certificate (ESB_CERT {cert})")
-                return Handshake(where, version, tls.getpeercert(binary_form=True) or b"")
+                return Handshake(where, version, tls.getpeercert(binary_form=True) or b"",
+                                 proxy_address(proxy) if proxy else "")
         except ssl.SSLError as exc:
             detail = _tls_detail(exc, exc)
             trust_failure = _trust_failure(exc, detail, cert, verify)
@@ -442,6 +307,13 @@ class _ESBAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {**self.poolmanager.pool_classes_by_scheme,
                                                    "https": _ESBConnectionPool}
 
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        # ESB_PROXY: the pools behind the CONNECT tunnel need our TLS context and connections just as much
+        if proxy not in self.proxy_manager:
+            manager = super().proxy_manager_for(proxy, ssl_context=self._context, **proxy_kwargs)
+            manager.pool_classes_by_scheme = {**manager.pool_classes_by_scheme, "https": _ESBConnectionPool}
+        return self.proxy_manager[proxy]
+
     def build_connection_pool_key_attributes(self, request, verify, cert=None):
         host_params, _ = super().build_connection_pool_key_attributes(request, verify, None)
         return host_params, {"cert_reqs": self._context.verify_mode}
@@ -466,8 +338,11 @@ class _Reply:
 
 class ESBClient:
     def __init__(self, endpoint: str, *, cert: str, key: str, verify: bool | str, timeout: float,
-                 attempts: int = 3, backoff: float = 0.5, stop: Stop | None = None, key_password: str = ""):
+                 attempts: int = 3, backoff: float = 0.5, stop: Stop | None = None, key_password: str = "",
+                 proxy: str = ""):
+        """proxy: ESB_PROXY, an http:// CONNECT proxy (settings.esb_proxy_setting checked it); "" for none."""
         self._endpoint = endpoint
+        self._proxy = proxy
         parsed = urlparse(endpoint)
         self._where = f"{parsed.hostname}:{parsed.port or 443}"
         self._cert = cert
@@ -485,6 +360,8 @@ class ESBClient:
         # Only our own settings decide TLS trust and routing to the ESB: without this, requests lets
         # REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE silently replace ESB_CA_BUNDLE and proxies reroute the POST.
         self._session.trust_env = False
+        if proxy:
+            self._session.proxies = {"https": proxy}  # explicit, so it holds with trust_env off (NO_PROXY too)
         self._session.headers.update({"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'})
         # urllib3 retries a failed connect (the request never left); nothing that may have reached the ESB.
         connect_retry = Retry(total=attempts - 1, connect=attempts - 1, read=0, status=0, other=0, redirect=0,
@@ -494,34 +371,60 @@ class ESBClient:
     def close(self) -> None:
         self._session.close()
 
-    def deliver(self, body: bytes) -> Delivery:
+    def deliver(self, body: bytes, before_try: BeforeTry | None = None) -> Delivery:
         """POST one message: return on acceptance; raise RecordError on rejection, ESBUncertain when the outcome
-        is unknown, ESBUnreachable when the ESB certainly did not take it."""
+        is unknown, ESBUnreachable when the ESB certainly did not take it.
+
+        `before_try(number, tries, previous)` is called before every try after the first (`previous`: what the
+        last answer said), so the journal can say which try was under way should the run die during it.
+        """
         retry = with_stop(Retry(total=self._attempts - 1, status=self._attempts - 1, backoff_factor=self._backoff,
-                                status_forcelist=RETRY_STATUSES, allowed_methods=None, raise_on_status=False),
-                          self._stop)
-        attempts = 0
+                                allowed_methods=None, raise_on_status=False), self._stop)
+        attempts, line = 0, ""
+        may_have_it = ""  # an earlier try's 500: from then on, nothing short of acceptance settles the doubt
         while True:
             attempts += 1
-            reply = self._post(body)
+            if attempts > 1 and before_try is not None:
+                before_try(attempts, self._attempts, line)
+            try:
+                reply = self._post(body)
+            except ESBUncertain:
+                raise
+            except ESBUnreachable as exc:
+                if may_have_it:
+                    raise ESBUncertain(f"{exc}; {may_have_it}") from None
+                raise
             verdict, line = judge(reply.status, reply.reason, reply.body, too_large=reply.too_large,
                                   charset=reply.charset, location=reply.location)
             if verdict is Verdict.ACCEPTED:
                 return Delivery(status=reply.status, attempts=attempts)
-            if verdict is Verdict.REJECTED:
-                raise RecordError(line)
             if verdict is Verdict.UNKNOWN:
                 raise ESBUncertain(line)
+            if may_have_it and verdict in (Verdict.REJECTED, Verdict.MISDIRECTED):
+                raise ESBUncertain(f"{line}; {may_have_it}")
+            if verdict is Verdict.REJECTED:
+                raise RecordError(line)
             if verdict is Verdict.MISDIRECTED:
                 raise ESBUnreachable(line, lasting=True)
+            if verdict is Verdict.SERVICE_ERROR:
+                may_have_it = f"try {attempts} of {self._attempts} answered HTTP 500: it may have the message"
             try:
                 retry = retry.increment("POST", self._endpoint, response=reply.raw)
                 retry.sleep(reply.raw)
             except MaxRetryError as exc:
                 why = "the run is stopping" if isinstance(exc.reason, RetryStopped) else f"{attempts} tries"
-                raise ESBUnreachable(f"{line}, did not take the message ({why})") from None
+                raise self._gave_up(verdict, line, why, may_have_it) from None
             except RetryStopped:
-                raise ESBUnreachable(f"{line}, did not take the message (no time left to try again)") from None
+                raise self._gave_up(verdict, line, "no time left to try again", may_have_it) from None
+
+    @staticmethod
+    def _gave_up(verdict: Verdict, line: str, why: str, may_have_it: str) -> ESBUnreachable:
+        """The end of the tries: the ESB did not take it (only "not handled" answers), or it may have it."""
+        if verdict is Verdict.SERVICE_ERROR:
+            return ESBUncertain(f"{line} ({why})")
+        if may_have_it:
+            return ESBUncertain(f"{line}, did not take the message ({why}); {may_have_it}")
+        return ESBUnreachable(f"{line}, did not take the message ({why})")
 
     def _post(self, body: bytes) -> _Reply:
         gate = _WriteGate()
@@ -563,6 +466,8 @@ class ESBClient:
         reason = exc.args[0] if exc.args else exc
         if isinstance(reason, MaxRetryError):
             reason = reason.reason
+        if self._proxy and (isinstance(exc, requests.exceptions.ProxyError) or isinstance(reason, Urllib3ProxyError)):
+            return self._proxy_failure(reason)
         tls = _ssl_error(reason)
         if tls is not None or isinstance(exc, requests.exceptions.SSLError):
             detail = _tls_detail(tls, reason)
@@ -585,6 +490,18 @@ class ESBClient:
         if written:
             return ESBUncertain(f"no answer from the ESB ({_transport_reason(exc, reason)}); it may have the message")
         return ESBUnreachable(f"cannot connect to the ESB at {self._where} ({_connect_reason(reason)})")
+
+
+    def _proxy_failure(self, reason: object) -> ESBUnreachable:
+        """ESB_PROXY refused the tunnel or could not be reached: the request never left for the ESB."""
+        original = getattr(reason, "original_error", None) or reason
+        refused = tunnel_refusal(str(original))
+        if refused is not None:
+            refusal = TunnelRefused(*refused)
+            return ESBUnreachable(refusal_line(self._proxy, self._where, refusal), lasting=lasting(refusal))
+        return ESBUnreachable(f"cannot connect to ESB_PROXY {proxy_address(self._proxy)} "
+                              f"({_connect_reason(original)}), the proxy on the way to the ESB at {self._where}: "
+                              "check ESB_PROXY")
 
 
 def _trust_failure(tls: ssl.SSLError | None, detail: str, cert: str, verify: bool | str) -> str | None:

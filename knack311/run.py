@@ -106,7 +106,7 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
         if not settings.dry_run:
             esb = ESBClient(settings.esb_endpoint, cert=str(settings.esb_cert), key=str(settings.esb_key),
                             key_password=settings.esb_key_password, verify=settings.esb_verify,
-                            timeout=settings.esb_timeout, stop=stop)
+                            timeout=settings.esb_timeout, stop=stop, proxy=settings.esb_proxy)
         knack = KnackClient(settings.knack_api_url, settings.knack_app_id, settings.knack_api_key,
                             timeout=settings.knack_timeout, max_rps=settings.knack_max_rps,
                             plan_reserve=settings.knack_plan_reserve, stop=stop,

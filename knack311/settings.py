@@ -14,6 +14,7 @@ from urllib3.util import parse_url
 from . import pacing
 from .errors import ConfigError
 from .esb import tls_context
+from .esb_proxy import esb_proxy_setting
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,6 +76,7 @@ class Settings:
     esb_max_in_flight: int | None = None  # ESB_MAX_IN_FLIGHT; None: as many as workers
     knack_plan_reserve: int | None = None  # KNACK_PLAN_RESERVE; None: 10% of Knack's daily plan limit
     knack_timeout: float = 30.0  # KNACK_TIMEOUT; load_settings defaults it to ESB_TIMEOUT's value
+    esb_proxy: str = field(default="", repr=False)  # ESB_PROXY, "" for none; may hold credentials: never printed
 
     @property
     def esb_in_flight(self) -> int:
@@ -138,6 +140,7 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
     for name in ("KNACK_APP_ID", "KNACK_API_KEY"):
         _header_safe(env[name].strip(), name)
     esb_endpoint = _esb_endpoint(env["ESB_ENDPOINT"].strip())
+    esb_proxy = esb_proxy_setting(env.get("ESB_PROXY", ""))
 
     esb_timeout = _positive_number(env, "ESB_TIMEOUT", 30.0)
     # Knack and the ESB answer at their own pace; one timeout used to serve both, so a setup tuned with
@@ -187,7 +190,7 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
         esb_cert=esb_cert, esb_key=esb_key, esb_verify=esb_verify, esb_timeout=esb_timeout,
         state_dir=state_dir, dry_run=dry_run, max_runtime=max_runtime, esb_key_password=esb_key_password,
         workers=workers, esb_max_in_flight=esb_max_in_flight, knack_plan_reserve=knack_plan_reserve,
-        knack_timeout=knack_timeout,
+        knack_timeout=knack_timeout, esb_proxy=esb_proxy,
     )
 
 

@@ -102,8 +102,17 @@ def fault_body(faultcode: str, faultstring: str, *, encoding: str = "UTF-8", bar
 
 
 def success_body() -> bytes:
+    return status_body("SUCCESS")
+
+
+def status_body(status: str | None, message: str = "") -> bytes:
+    """A submitKnackResponse whose status says `status` (None: no status element), and a message element
+    after it when `message` is given, as an ESB that answers 200 with its own verdict writes it."""
     response = etree.Element(f"{{{ACC_NS}}}submitKnackResponse")
-    etree.SubElement(response, "status").text = "SUCCESS"
+    if status is not None:
+        etree.SubElement(response, "status").text = status
+    if message:
+        etree.SubElement(response, "message").text = message
     return _envelope(response)
 
 

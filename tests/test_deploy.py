@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DAG_FILE = ROOT / "deploy" / "airflow_dag.py"
 EXAMPLE_ENV = ROOT / "deploy" / "example.env"
 SCHEDULER_WINDOW = dt.timedelta(minutes=5)
-SECRETS = {"KNACK_API_KEY", "HEALTHCHECK_URL", "ESB_KEY_PASSWORD"}
+SECRETS = {"KNACK_API_KEY", "HEALTHCHECK_URL", "ESB_KEY_PASSWORD", "ESB_PROXY"}  # ESB_PROXY may hold a password
 # Read by the reporting and check modules once the entry script wires them (settings reads the others).
 OPERATOR_VARIABLES = {"LOG_FORMAT", "PROGRESS", "METRICS_FILE", "HEALTHCHECK_URL"}
 

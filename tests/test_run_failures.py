@@ -592,7 +592,7 @@ class FakeESB:
         self.stop = None
         self.posted: list[str] = []
 
-    def deliver(self, body: bytes) -> Delivery:
+    def deliver(self, body: bytes, before_try=None) -> Delivery:
         self.posted.append(parse_message(body)["id"])
         if len(self.posted) == self.cut:
             self.stop.request("SIGTERM")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from knack311.esb import EXCERPT_CHARS, Body, Verdict, excerpt, judge, one_line, read_body, soap_fault
+from knack311.esb_answers import EXCERPT_CHARS, Body, Verdict, excerpt, judge, one_line, read_body, soap_fault
 
 SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"
 SOAP12 = "http://www.w3.org/2003/05/soap-envelope"
@@ -183,8 +183,8 @@ def test_entities_are_never_expanded():
     (200, b'{"ok": true}', Verdict.UNKNOWN),
     (502, b"", Verdict.UNKNOWN),
     (504, SOAP11_FAULT, Verdict.UNKNOWN),  # a gateway's Fault is about its upstream
-    (500, b"Internal Server Error", Verdict.UNKNOWN),
-    (500, SUCCESS, Verdict.UNKNOWN),
+    (500, b"Internal Server Error", Verdict.SERVICE_ERROR),  # tried again, like the original script
+    (500, SUCCESS, Verdict.SERVICE_ERROR),
     (501, b"", Verdict.UNKNOWN),
     (303, b"", Verdict.UNKNOWN),
     (503, b"", Verdict.RETRY),
