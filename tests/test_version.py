@@ -80,7 +80,9 @@ def test_the_command_in_this_checkout_prints_its_git_revision(tmp_path):
     match = LINE.match(result.stdout.strip())
     assert match, result.stdout
     if HAS_GIT and (PROJECT_ROOT / ".git").exists():
-        assert match.group(2) == git(PROJECT_ROOT, "rev-parse", "HEAD")
+        # what git itself says here ("unknown" where git refuses, e.g. a checkout owned by another user)
+        head = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert match.group(2) == (head.stdout.strip() if head.returncode == 0 else "unknown")
     assert result.stderr == ""
 
 
