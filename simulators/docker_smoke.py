@@ -393,7 +393,7 @@ def main() -> int:
     global IMAGE
     problem = docker_available()
     if problem:
-        print(f"docker smoke: needs a running Docker engine, and `docker info` failed: {problem}.\n"
+        print(f"docker smoke: needs a running Docker engine, and `docker info` failed: {problem}\n"
               "Start Docker (Docker Desktop, or `sudo systemctl start docker`), check that `docker info` works for "
               "this user, and run `make docker-smoke` again.", file=sys.stderr)
         return 2
