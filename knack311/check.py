@@ -31,6 +31,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from .access import FOLDER_FIX, access_fix, folder_creation_fix, is_permission_error
 from .errors import ConfigError, OutageError
 from .esb import ESBUnreachable, Handshake, handshake
 from .esb_proxy import esb_proxy_setting, proxy_address
@@ -326,6 +327,8 @@ def _read(path: Path) -> tuple[bytes, str]:
     try:
         return path.read_bytes(), ""
     except OSError as exc:
+        if is_permission_error(exc):
+            return b"", f"cannot be read {access_fix(path)}"
         return b"", f"cannot be read ({exc.strerror})"
 
 
@@ -349,12 +352,12 @@ def check_state(state_dir: Path, journal: Path, *, in_container: bool | None = N
     if not state_dir.exists():
         parent = next((p for p in state_dir.parents if p.exists()), Path("/"))
         if not os.access(parent, os.W_OK | os.X_OK):
-            return [Row("STATE_DIR", FAIL, f"{state_dir} does not exist and {parent} is not writable: create it "
-                                           f"for uid {os.getuid()}")]
+            return [Row("STATE_DIR", FAIL, f"{state_dir} does not exist and cannot be created "
+                                           f"{folder_creation_fix(state_dir)}")]
         return [Row("STATE_DIR", OK, f"{state_dir} does not exist yet; the first run creates it"),
                 Row("journal", OK, "none yet; the first run creates it")]
     if not os.access(state_dir, os.W_OK | os.X_OK):
-        return [Row("STATE_DIR", FAIL, f"{state_dir} is not writable by uid {os.getuid()}")]
+        return [Row("STATE_DIR", FAIL, f"{state_dir} is not writable {access_fix(state_dir, FOLDER_FIX)}")]
     rows = []
     free = shutil.disk_usage(state_dir).free
     if free < LOW_DISK_BYTES:
@@ -372,7 +375,7 @@ def _check_journal(path: Path) -> Row:
     if not path.exists():
         return Row("journal", OK, "none yet; the first run creates it")
     if not os.access(path, os.R_OK | os.W_OK):
-        return Row("journal", FAIL, f"{path} is not readable and writable by uid {os.getuid()}")
+        return Row("journal", FAIL, f"{path} is not readable and writable {access_fix(path)}")
     try:
         # immutable: read the file as it is, creating no -wal/-shm beside it and taking no lock a run would meet
         db = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True, timeout=2)

@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 from lxml import etree
 
+from .access import FOLDER_FIX, access_fix, folder_creation_fix, is_permission_error
 from .errors import ConfigError, OutageError
 
 SENDING, DELIVERED, DONE = "sending", "delivered", "done"
@@ -404,6 +405,8 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             os.fchmod(fd, 0o600)
         except OSError as exc:
+            if is_permission_error(exc):  # left by a run under another uid (an older image ran as root)
+                raise ConfigError(f"run lock {self.path} cannot be opened {access_fix(self.path)}") from None
             raise ConfigError(f"run lock {self.path} cannot be created ({exc.strerror}); check STATE_DIR") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -427,12 +430,18 @@ def journal_path(state_dir: Path, app_name: str) -> Path:
 
 
 def prepare_state_dir(state_dir: Path) -> None:
+    if state_dir.exists() and not state_dir.is_dir():
+        raise ConfigError(f"STATE_DIR {state_dir} is not a directory: point STATE_DIR at a folder (or mount one there)")
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
+        if is_permission_error(exc):  # e.g. a checkout mounted over /app, without state/ for the container's uid
+            raise ConfigError(f"STATE_DIR {state_dir} cannot be created {folder_creation_fix(state_dir)}") from None
         raise ConfigError(f"STATE_DIR {state_dir} cannot be created ({exc.strerror})") from None
-    if not state_dir.is_dir() or not os.access(state_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"STATE_DIR {state_dir} is not a writable directory")
+    if not state_dir.is_dir():
+        raise ConfigError(f"STATE_DIR {state_dir} is not a directory")
+    if not os.access(state_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"STATE_DIR {state_dir} is not writable {access_fix(state_dir, FOLDER_FIX)}")
 
 
 def _owner_only_file(path: Path) -> None:

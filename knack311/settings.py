@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from urllib3.util import parse_url
 
 from . import pacing
+from .access import access_fix, is_permission_error
 from .errors import ConfigError
 from .esb import tls_context
 from .esb_proxy import esb_proxy_setting
@@ -262,6 +263,8 @@ def _readable(path: Path, what: str) -> None:
         with path.open("rb"):
             pass
     except OSError as exc:
+        if is_permission_error(exc):  # the container's uid meets a file made by another user
+            raise ConfigError(f"{what}: {path} cannot be read {access_fix(path)}") from None
         raise ConfigError(f"{what}: {path} cannot be read ({exc.strerror})") from None
 
 

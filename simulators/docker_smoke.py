@@ -2,8 +2,9 @@
 
     make docker-smoke        (or: .venv/bin/python -m simulators.docker_smoke)
 
-Needs a running Docker engine (`docker info` answers). It builds `knack-311:smoke` with
-the OCI label build args (git revision, version, build time), makes a throwaway PKI, starts the Knack simulator
+Needs a running Docker engine (`docker info` must work). It builds `knack-311:smoke` with the OCI label build
+args (git revision, version, build time), or takes an image already built when KNACK311_SMOKE_IMAGE names one
+(CI builds the image it publishes, then tests that one), makes a throwaway PKI, starts the Knack simulator
 (HTTP) and the ESB simulator (HTTPS, client certificate required) on 127.0.0.1, seeds data-tracker activities,
 writes an env file and runs the container as README.md and the Dockerfile say, hardened:
 
@@ -16,6 +17,10 @@ named volume, removed at the end). Then it checks what the ESB received, what Kn
 printed, the journal in the state volume, who the container runs as, what the image holds, its labels, and that
 no interpreter in it can run pip. Prints "ok: ..." / "FAIL: ..." per check and a final line; exits 0 only if
 every check passed, 1 if any failed, 2 if Docker is not available.
+
+Then the other command forms (simulators/docker_forms.py): `IMAGE python send_esb_message.py data-tracker`, the
+seed's checkout mounted over /app (refused in one line as uid 10001, then run with the `--user` fix it names),
+`IMAGE --version`, `IMAGE --help` and `IMAGE bash -c ...` (run as given, as PID 1).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 from config import CONFIG
 from simulators.activities import activity_record, app_metadata
 from simulators.certs import CLIENT_NAME, make_pki
+from simulators.docker_forms import check_answering_forms, check_command_forms
 from simulators.esb import ESBSimulator, parse_message
 from simulators.knack_api import KnackSimulator
 
@@ -291,6 +297,12 @@ def check_scheduled_runs(checks: Checks) -> None:
             # --- docker stop while Knack hangs: the program must end on SIGTERM, before Docker's SIGKILL ---
             check_docker_stop(checks, knack, env_file, certs)
 
+            # --- the other forms of the command: run as given, the seed's mounted checkout ---
+            scheduler_options = [*HARDENING, "--env-file", str(env_file), "-v", f"{certs}:/certs:ro",
+                                 "-v", f"{STATE_VOLUME}:/app/state", "--network", "host"]
+            check_command_forms(checks.check, image=IMAGE, app=APP, knack=knack, esb=esb, pki=pki, tmp=tmp,
+                                scheduler_options=scheduler_options, app_id=APP_ID, api_key=API_KEY)
+
 
 def check_docker_stop(checks: Checks, knack: KnackSimulator, env_file: Path, certs: Path) -> None:
     """`docker stop` (default 10 s grace) while a Knack request hangs: exit 1 with a summary naming SIGTERM,
@@ -324,8 +336,10 @@ def check_docker_stop(checks: Checks, knack: KnackSimulator, env_file: Path, cer
                  f"exit {code or '?'} after {took:.1f}s; last line {last!r}")
 
 
-def check_image(checks: Checks, args: dict[str, str]) -> None:
-    """Who the container runs as, what the image holds, its labels, and that nothing in it can run pip."""
+def check_image(checks: Checks, args: dict[str, str] | None) -> dict[str, str]:
+    """Who the container runs as, what the image holds, its labels, and that nothing in it can run pip; returns
+    the OCI labels. `args`: the build args this run passed (None for an image built elsewhere, whose revision
+    label must then be this checkout's commit)."""
     who = docker("run", "--rm", "--entrypoint", "id", IMAGE, "-u")
     uid = who.stdout.strip()
     checks.check(who.returncode == 0 and uid.isdigit() and int(uid) != 0, f"the container runs as non-root (uid {uid})",
@@ -349,10 +363,15 @@ def check_image(checks: Checks, args: dict[str, str]) -> None:
     checks.check(required <= set(oci) and all(oci[n].strip() for n in required),
                  "the image carries the OCI labels title, description, source, revision, version, created",
                  f"has {sorted(oci)}")
-    passed = {"revision": args["REVISION"], "version": args["VERSION"], "created": args["CREATED"]}
-    checks.check(all(oci.get(k) == v for k, v in passed.items()),
-                 "the revision, version and created labels are the build args passed",
-                 f"labels {({k: oci.get(k) for k in passed})}, passed {passed}")
+    if args is not None:
+        passed = {"revision": args["REVISION"], "version": args["VERSION"], "created": args["CREATED"]}
+        checks.check(all(oci.get(k) == v for k, v in passed.items()),
+                     "the revision, version and created labels are the build args passed",
+                     f"labels {({k: oci.get(k) for k in passed})}, passed {passed}")
+    else:
+        head = build_args()["REVISION"]
+        checks.check(oci.get("revision") == head, "the image's revision label is this checkout's commit",
+                     f"label {oci.get('revision')!r}, HEAD {head!r}")
 
     # `python -m pip` with the venv's interpreter (first on PATH), then the base image's own interpreter
     probe = docker("run", "--rm", "--entrypoint", "sh", IMAGE, "-c",
@@ -367,26 +386,38 @@ def check_image(checks: Checks, args: dict[str, str]) -> None:
     checks.check(probe.returncode == 0 and "probed" in probe.stdout and not found,
                  "`python -m pip` fails in the image, under the venv's and the base image's interpreter "
                  "(no pip, setuptools or ensurepip)", "; ".join(found) or probe.stderr.strip())
+    return oci
 
 
 def main() -> int:
+    global IMAGE
     problem = docker_available()
     if problem:
-        print(f"docker smoke: no Docker engine ({problem}).\n"
-              "Start the Docker engine (Docker Desktop, or `sudo systemctl start docker`), then run it again.",
-              file=sys.stderr)
+        print(f"docker smoke: needs a running Docker engine, and `docker info` failed: {problem}\n"
+              "Start Docker (Docker Desktop, or `sudo systemctl start docker`), check that `docker info` works for "
+              "this user, and run `make docker-smoke` again.", file=sys.stderr)
         return 2
 
     checks = Checks()
-    args = build_args()
-    print(f"building {IMAGE} from {PROJECT_ROOT} ...", flush=True)
-    if not build(checks, args):
-        return checks.finish()
+    prebuilt = os.environ.get("KNACK311_SMOKE_IMAGE", "").strip()
+    args = None
+    if prebuilt:
+        IMAGE = prebuilt
+        found = docker("image", "inspect", IMAGE)
+        if not checks.check(found.returncode == 0, f"KNACK311_SMOKE_IMAGE {IMAGE} is in the engine",
+                            found.stderr.strip()):
+            return checks.finish()
+    else:
+        args = build_args()
+        print(f"building {IMAGE} from {PROJECT_ROOT} ...", flush=True)
+        if not build(checks, args):
+            return checks.finish()
     try:
         check_scheduled_runs(checks)
     finally:
         docker("volume", "rm", "--force", STATE_VOLUME)
-    check_image(checks, args)
+    labels = check_image(checks, args)
+    check_answering_forms(checks.check, image=IMAGE, labels=labels)
     return checks.finish()
 
 
