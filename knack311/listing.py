@@ -77,7 +77,7 @@ class Listing:
     fetch: Callable[[int], tuple[list[dict], int, int | None]]
     key: Callable[[dict], Any]
     log: Callable[[str], None] = lambda line: None
-    sequential: bool = False  # pages 1, 2, 3...: for a run that changes no status (a dry run), nothing shifts
+    sequential: bool = False  # pages 1, 2, 3...: a run that changes no status (a dry run) shifts no page itself
     view: str = ""
     seen: set[str] = field(default_factory=set)
     complete: bool = False

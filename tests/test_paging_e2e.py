@@ -165,6 +165,20 @@ def test_a_knack_ignoring_the_sort_over_many_small_pages_sends_each_sr_in_order(
         assert len(unsorted_warnings(run.stdout)) == 1
 
 
+def test_a_dry_run_over_pages_in_no_order_lists_every_record_once(run_bridge, seed, esb):
+    with small_pages(5) as knack:
+        knack.ignore_sort = True
+        records = seed_interleaved(type(seed)(knack), 12, per_sr=3)
+        run = run_bridge("--dry-run", env={"KNACK_API_URL": knack.url})
+
+        assert run.returncode == 0, run.output
+        assert all(run.stdout.count(r["id"]) >= 1 for r in records)
+        assert page_reads(knack) == [1, 2, 3] and len(unsorted_warnings(run.stdout)) == 1
+        counts = dict(re.findall(r"(\w+)=(\S+)", run.stdout.splitlines()[-1]))  # the last line: the summary
+        assert (counts["fetched"], counts["rendered"]) == ("12", "12"), counts
+        assert esb.received == [] and set(statuses(knack).values()) == {READY}
+
+
 def test_a_staff_edit_that_shifts_page_2_as_it_is_read_does_not_break_an_srs_order(run_bridge, seed, esb):
     # page 1 is filled with records the ESB rejects; as page 2 is read, staff take one of them out of the view,
     # so the first record of page 2 slides onto page 1 unseen, while its SR's next activity is on page 2
