@@ -136,9 +136,8 @@ class Listing:
         elif new:
             self._page = 1  # back to page 1: the records finished meanwhile left it, the next ones moved up
         else:
-            self.log(f"WARNING: Knack ready records page {page} brought no record not seen before (Knack says "
-                     f"{got.total_pages} pages); paging stopped, the others wait for the next run")
-            self.complete = read.listed_all = True
+            self._repeated(got)
+            read.listed_all = True
         if self._stopped():
             read.listed_all = True
         return read
@@ -157,9 +156,7 @@ class Listing:
                 pages, collected = [], set()
                 continue
             if pages and not {r["id"] for r in got.records} - collected:
-                self.log(f"WARNING: Knack ready records page {got.page} brought no record not seen before (Knack "
-                         f"says {got.total_pages} pages); paging stopped, the others wait for the next run")
-                self.complete = True
+                self._repeated(got)
                 return Read(got.page, self._take_new([r for p in pages for r in p.records]), got.total_records)
             pages.append(got)
             collected.update(r["id"] for r in got.records)
@@ -220,6 +217,12 @@ class Listing:
                 new.append(record)
         new.sort(key=self.key)
         return new
+
+    def _repeated(self, got: _Page) -> None:
+        """A page after page 1 brought nothing new: Knack repeats a page (or miscounts its pages); paging ends."""
+        self.log(f"WARNING: Knack ready records page {got.page} brought no record not seen before (Knack says "
+                 f"{got.total_pages} pages); paging stopped, the others wait for the next run")
+        self.complete = True
 
     def _stopped(self) -> bool:
         """Paging ends (the listing is complete; the rest waits for the next run) after MAX_READS reads or

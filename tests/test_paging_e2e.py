@@ -128,6 +128,7 @@ def unsorted_warnings(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if "WARNING" in line and "not in ascending" in line]
 
 
+@pytest.mark.slow  # 1,100 records through the real pacing: about 25 s
 def test_a_knack_ignoring_the_sort_over_two_real_pages_still_sends_each_sr_in_order(run_bridge, seed, esb):
     # the case: 1,100 records over two pages of 1,000, 4 activities per SR, Knack answering in any order
     with make_knack(rate_limit=None) as knack:
