@@ -191,7 +191,7 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
         return read.records, read.total_pages, read.total_records
 
     listing = Listing(fetch, key=lambda r: order_key(r, app.fields["atd_activity_id"]),
-                      log=lambda line: _knack_said(emit, line), sequential=settings.dry_run)
+                      log=lambda line: _knack_said(emit, line), sequential=settings.dry_run, view=app.view)
     slots = ESBSlots(settings.esb_in_flight, stop) if esb is not None else None
     sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_slots=slots)
     loop = SendLoop(settings, sender, journal, emit, summary, stop, run_id, schema.field_types, tz,

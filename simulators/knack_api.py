@@ -20,6 +20,10 @@ Real-Knack behaviour reproduced on purpose, because the client must cope with it
   (today), the resets as epoch seconds;
 - records of a view sorted by `sort_field` (numbers numerically) in `sort_order` asc or desc.
 
+Switches for Knack behaving worse than that: `ignore_sort` answers every view request in a shuffled order (stable
+from request to request) whatever `sort_field` asks, and `on_page()` makes a staff edit (`edit_record`,
+`remove_record`) at the very moment a given page of a view is requested.
+
 Faults (slow answers, 5xx, malformed bodies, dropped connections, updates committed but answered with
 an error, answers that never come, come a byte at a time or never end) are queued with `inject()` and hit
 the next matching requests.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import hashlib
 import json
 import math
 import select
@@ -36,6 +41,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -93,6 +99,13 @@ class _Reply:
     body: bytes
     content_type: str = "application/json; charset=utf-8"
     headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _PageAction:
+    page: int
+    action: Callable[[], None]
+    remaining: int
 
 
 class _BadRequest(Exception):
@@ -293,6 +306,8 @@ class KnackSimulator:
         self.port = port
         self.latency = 0.0
         self.ignore_filters = False  # answer view requests as if no filter had been sent (seen from real Knack)
+        self.ignore_sort = False  # answer view requests in a shuffled order, the same on every request
+        self._page_actions: list[_PageAction] = []
         self.request_log: list[LoggedRequest] = []
         self.updates: list[tuple[str, str, dict]] = []
         self._lock = threading.Lock()
@@ -372,6 +387,27 @@ class KnackSimulator:
     def record(self, object_key: str, record_id: str) -> dict:
         with self._lock:
             return copy.deepcopy(self._records[object_key][record_id])
+
+    def edit_record(self, object_key: str, record_id: str, changes: dict[str, Any]) -> None:
+        """Set fields of a record as staff would in the builder: nothing logged, no budget spent."""
+        with self._lock:
+            record = self._records[object_key][record_id]
+            for key, value in changes.items():
+                record[f"{key}_raw"] = value
+                record[key] = "" if value is None else value
+
+    def remove_record(self, object_key: str, record_id: str) -> None:
+        """Delete a record as staff would in the builder."""
+        with self._lock:
+            del self._records[object_key][record_id]
+
+    def on_page(self, page: int, action: Callable[[], None], *, count: int = 1) -> None:
+        """Call `action()` when one of the next `count` requests for page `page` of a view's records arrives, before
+        it is answered: a staff edit at that very moment (`edit_record`, `remove_record`)."""
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        with self._lock:
+            self._page_actions.append(_PageAction(page, action, count))
 
     def reset_plan(self, used: int = 0) -> None:
         """A new day: the daily budget is whole again (less `used`)."""
@@ -708,6 +744,8 @@ class KnackSimulator:
             _positive_int(query, "rows_per_page", _DEFAULT_ROWS_PER_PAGE), _MAX_ROWS_PER_PAGE, self.max_rows_per_page
         )
         page = _positive_int(query, "page", 1)
+        for action in self._take_page_actions(page):
+            action()  # outside the lock: it edits the records
         sort_field = query.get("sort_field", "")
         sort_order = query.get("sort_order", "asc").lower() or "asc"
         if sort_order not in ("asc", "desc"):
@@ -728,7 +766,9 @@ class KnackSimulator:
                 for record in self._records.get(object_key, {}).values()
                 if match(_rule_matches(record, rule) for rule in rules)
             ]
-            if sort_field:  # a stable sort: equal values keep the order the records were added in
+            if self.ignore_sort:
+                matching.sort(key=lambda r: hashlib.sha256(str(r.get("id", "")).encode()).digest())
+            elif sort_field:  # a stable sort: equal values keep the order the records were added in
                 matching.sort(key=lambda r: _sort_value(r.get(f"{sort_field}_raw", r.get(sort_field)),
                                                         r.get(sort_field)),
                               reverse=sort_order == "desc")
@@ -749,6 +789,14 @@ class KnackSimulator:
                     "records": shown,
                 },
             )
+
+    def _take_page_actions(self, page: int) -> list[Callable[[], None]]:
+        with self._lock:
+            due = [action for action in self._page_actions if action.page == page]
+            for action in due:
+                action.remaining -= 1
+            self._page_actions = [action for action in self._page_actions if action.remaining > 0]
+            return [action.action for action in due]
 
     @staticmethod
     def _only_columns(record: dict, columns: set[str]) -> dict:

@@ -600,6 +600,44 @@ def test_sorted_pages_read_again_from_page_one_while_marking(sim):
     assert (second["total_records"], second["total_pages"]) == (18, 2)
 
 
+def test_ignore_sort_answers_a_shuffled_order_that_stays_the_same(sim):
+    records = activities(30)
+    sim.add_records(DT["obj"], records)
+    sim.ignore_sort = True
+    atd = DT_FIELDS["atd_activity_id"]
+    params = {"filters": json.dumps(READY_WITH_EMI), "rows_per_page": 10, "sort_field": atd, "sort_order": "asc"}
+
+    def keys(page):
+        answer = requests.get(view_url(sim), params={**params, "page": page}, headers=AUTH, timeout=TIMEOUT)
+        return [r[f"{atd}_raw"] for r in answer.json()["records"]]
+
+    pages = [keys(1), keys(2), keys(3)]
+    assert sorted(k for page in pages for k in page) == list(range(1, 31))  # every record once
+    assert all(page != sorted(page) for page in pages)
+    assert [keys(1), keys(2), keys(3)] == pages  # the same order on every request
+    set_status(sim, records[0]["id"], "SENT")  # a record that leaves keeps the others in their order
+    assert [k for p in (1, 2, 3) for k in keys(p)] == [k for page in pages for k in page if k != 1]
+
+
+def test_a_page_action_edits_the_records_just_before_that_page_is_answered(sim):
+    records = activities(20)
+    sim.add_records(DT["obj"], records)
+    sim.on_page(2, lambda: sim.remove_record(DT["obj"], records[0]["id"]))
+    sim.on_page(2, lambda: sim.edit_record(DT["obj"], records[1]["id"], {DT_FIELDS["esb_status"]: "DO_NOT_SEND"}))
+
+    first = get_page(sim, filters=READY_WITH_EMI, rows_per_page=10, page=1).json()
+    second = get_page(sim, filters=READY_WITH_EMI, rows_per_page=10, page=2).json()
+    again = get_page(sim, filters=READY_WITH_EMI, rows_per_page=10, page=2).json()
+
+    assert ids_of(first) == [r["id"] for r in records[:10]]
+    # both edits happened before page 2 was answered: records 11 and 12 slid onto page 1, unseen
+    assert ids_of(second) == [r["id"] for r in records[12:]]
+    assert (first["total_records"], second["total_records"]) == (20, 18)
+    assert again["records"] == second["records"]  # each action ran once
+    assert records[0]["id"] not in {r["id"] for r in sim.records(DT["obj"])}
+    assert sim.record(DT["obj"], records[1]["id"])[f"{DT_FIELDS['esb_status']}_raw"] == "DO_NOT_SEND"
+
+
 @pytest.mark.parametrize("params", [{"sort_field": "field_999999"}, {"sort_field": DT_FIELDS["atd_activity_id"],
                                                                      "sort_order": "up"}],
                          ids=["unknown-field", "unknown-order"])

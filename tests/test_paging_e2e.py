@@ -1,8 +1,10 @@
 """Issue 8, end to end: backlogs of several pages drained while Knack's filtered view shifts under the run, the
-metadata cache that makes an idle run one Knack request, and the app's daily Knack API budget.
+metadata cache that makes an idle run one Knack request, and the app's daily Knack API budget. Issue 12: 311's
+order kept when Knack ignores the sort, or when a staff edit shifts page 2 just as it is read.
 
 The Knack simulator applies the view's filter afresh on every request and sorts by the field asked for, as Knack
-does; `max_rows_per_page` makes a page small, so a backlog of a few dozen records spans several pages.
+does; `max_rows_per_page` makes a page small, so a backlog of a few dozen records spans several pages;
+`ignore_sort` and `on_page` make it misbehave.
 """
 
 from __future__ import annotations
@@ -102,6 +104,108 @@ def test_a_dry_run_over_several_pages_lists_every_record_once(run_bridge, seed, 
         assert all(run.stdout.count(r["id"]) >= 1 for r in records)
         assert page_reads(knack) == [1, 2, 3]
         assert esb.received == [] and set(statuses(knack).values()) == {READY}
+
+
+# ----- Knack's paging breaking the order: a sort ignored, a page shifted by a staff edit ----------------------------
+
+def seed_interleaved(seeder, count: int, per_sr: int) -> list[dict]:
+    """`count` records, `per_sr` activities per service request, the activities of one SR far apart in the
+    backlog (SR k holds the k-th, (k + count/per_sr)-th, ... records)."""
+    srs = count // per_sr
+    records = []
+    for n in range(count):
+        records += seeder(1, sr_number=f"21-{n % srs:08d}")
+    return records
+
+
+def first_posted_after_pages(knack, esb, pages: int) -> bool:
+    """The first POST to the ESB came after `pages` view reads, i.e. once the whole listing was read."""
+    reads = [r.at for r in knack.request_log if "/views/" in r.path]
+    return len(reads) >= pages and min(m.at for m in esb.received) > reads[pages - 1]
+
+
+def unsorted_warnings(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if "WARNING" in line and "not in ascending" in line]
+
+
+@pytest.mark.slow  # 1,100 records through the real pacing: about 25 s
+def test_a_knack_ignoring_the_sort_over_two_real_pages_still_sends_each_sr_in_order(run_bridge, seed, esb):
+    # the issue's case: 1,100 records over two pages of 1,000, 4 activities per SR, Knack answering in any order
+    with make_knack(rate_limit=None) as knack:
+        knack.ignore_sort = True
+        records = seed_interleaved(type(seed)(knack), 1100, per_sr=4)
+
+        run = run_bridge(env={"KNACK_API_URL": knack.url})
+
+        assert run.returncode == 0, run.output[-3000:]
+        assert esb.copies() == {r["id"]: 1 for r in records}
+        assert statuses(knack) == {r["id"]: SENT for r in records}
+        assert order_kept(esb, records)
+        counts = summary_counts(run.stdout)
+        assert (counts["held"], counts["failed"], counts["fetched"]) == ("0", "0", "1100")
+        assert page_reads(knack) == [1, 2]  # the whole listing, once
+        assert first_posted_after_pages(knack, esb, 2)
+        [warning] = unsorted_warnings(run.stdout)
+        assert CONFIG[APP]["view"] in warning
+
+
+def test_a_knack_ignoring_the_sort_over_many_small_pages_sends_each_sr_in_order(run_bridge, seed, esb):
+    with small_pages(5) as knack:
+        knack.ignore_sort = True
+        records = seed_interleaved(type(seed)(knack), 40, per_sr=4)  # 8 pages
+
+        run = run_bridge(env={"KNACK_API_URL": knack.url})
+
+        assert run.returncode == 0, run.output
+        assert esb.copies() == {r["id"]: 1 for r in records}
+        assert statuses(knack) == {r["id"]: SENT for r in records}
+        assert order_kept(esb, records)
+        assert summary_counts(run.stdout)["held"] == "0"
+        assert page_reads(knack) == list(range(1, 9))
+        assert first_posted_after_pages(knack, esb, 8)
+        assert len(unsorted_warnings(run.stdout)) == 1
+
+
+def test_a_dry_run_over_pages_in_no_order_lists_every_record_once(run_bridge, seed, esb):
+    with small_pages(5) as knack:
+        knack.ignore_sort = True
+        records = seed_interleaved(type(seed)(knack), 12, per_sr=3)
+        run = run_bridge("--dry-run", env={"KNACK_API_URL": knack.url})
+
+        assert run.returncode == 0, run.output
+        assert all(run.stdout.count(r["id"]) >= 1 for r in records)
+        assert page_reads(knack) == [1, 2, 3] and len(unsorted_warnings(run.stdout)) == 1
+        counts = dict(re.findall(r"(\w+)=(\S+)", run.stdout.splitlines()[-1]))  # the last line: the summary
+        assert (counts["fetched"], counts["rendered"]) == ("12", "12"), counts
+        assert esb.received == [] and set(statuses(knack).values()) == {READY}
+
+
+def test_a_staff_edit_that_shifts_page_2_as_it_is_read_does_not_break_an_srs_order(run_bridge, seed, esb):
+    # page 1 is filled with records the ESB rejects; as page 2 is read, staff take one of them out of the view,
+    # so the first record of page 2 slides onto page 1 unseen, while its SR's next activity is on page 2
+    with small_pages(10) as knack:
+        seeder = type(seed)(knack)
+        failing = seeder(10)
+        earlier = seeder(1, sr_number="21-00000777")[0]  # first of page 2 until the edit
+        between = seeder(3)
+        later = seeder(1, sr_number="21-00000777")[0]  # the same SR's next activity, on page 2
+        rest = seeder(8)
+        esb.reject_records = {r["id"]: "SR is locked" for r in failing}
+        status_field = FIELDS["esb_status"]
+        knack.on_page(2, lambda: knack.edit_record(CONFIG[APP]["obj"], failing[0]["id"],
+                                                   {status_field: "DO_NOT_SEND"}))
+
+        run = run_bridge(env={"KNACK_API_URL": knack.url})
+
+        assert 2 in page_reads(knack), run.output  # the edit happened
+        sendable = [earlier, *between, later, *rest]
+        assert esb.copies() == {r["id"]: 1 for r in sendable}, run.output
+        arrived = [m.record_id for m in esb.accepted]
+        assert arrived.index(earlier["id"]) < arrived.index(later["id"])
+        assert {statuses(knack)[r["id"]] for r in sendable} == {SENT}
+        counts = summary_counts(run.stdout)
+        assert (counts["held"], counts["failed"]) == ("0", "10")
+        assert run.returncode == 1  # the ten rejected records
 
 
 # ----- the metadata cache: an idle run is one request ------------------------------------------------------------
