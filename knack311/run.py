@@ -19,7 +19,6 @@ from .delivery import ESBSlots, RecordSender
 from .dispatch import SendLoop, order_key, stop_reason
 from .errors import ConfigError, OutageError
 from .esb import ESBClient
-from .fields import resolve_timezone
 from .healthcheck import Healthcheck
 from .journal import DONE, Journal, JournalError, RunLock, journal_path, prepare_state_dir
 from .knack import SENT, KnackClient, KnackHTTPError
@@ -170,14 +169,14 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
     app = settings.app
     emit = readers.emit
     metadata = AppMetadata(settings, knack)
-    schema = metadata.schema()
-    missing = [f"{key} ({variable})" for variable, key in app.fields.items()
-               if variable != "id" and key not in schema.field_types]
-    if missing:
-        raise ConfigError(f"config.py {app.name!r}: field(s) not in Knack object {app.obj}: {', '.join(missing)}")
-    tz = resolve_timezone(schema.timezone_name, app.timezone)
+    metadata.schema()  # the scene of the view, all an idle run needs: from the cache when it fits
+    # Messages are built only with field types and a zone from metadata this run fetched: at once when the schema
+    # is fresh (a configuration error stops the run before any read), else when the first records arrive.
+    formatting = None if metadata.from_cache else metadata.for_messages()
 
     def fetch(page: int) -> tuple[list[dict], int, int | None]:
+        nonlocal formatting
+
         def read_page():
             return knack.ready_page(metadata.scene, app.view, app.fields["emi_id"], app.fields["esb_status"], page,
                                     sort_field=app.fields["atd_activity_id"])
@@ -188,13 +187,20 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
             if exc.status not in (400, 404) or not metadata.refresh():
                 raise
             read = read_page()
+        if read.records and formatting is None:
+            # before the first record is read into a message; nothing is in flight yet, so a ConfigError here
+            # ends the run (exit 2) with nothing sent
+            formatting = metadata.for_messages()
+            loop.use_formatting(*formatting)
         return read.records, read.total_pages, read.total_records
 
     listing = Listing(fetch, key=lambda r: order_key(r, app.fields["atd_activity_id"]),
                       log=lambda line: _knack_said(emit, line), sequential=settings.dry_run)
     slots = ESBSlots(settings.esb_in_flight, stop) if esb is not None else None
+    # (until fetch supplies them, no field types and no zone: nothing can be read into a message)
+    field_types, tz = formatting if formatting is not None else ({}, None)
     sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_slots=slots)
-    loop = SendLoop(settings, sender, journal, emit, summary, stop, run_id, schema.field_types, tz,
+    loop = SendLoop(settings, sender, journal, emit, summary, stop, run_id, field_types, tz,
                     esb_slots=slots, budget=knack)
     loop.run(listing, readers.planned)
 
