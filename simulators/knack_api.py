@@ -373,6 +373,11 @@ class KnackSimulator:
         with self._lock:
             return copy.deepcopy(self._records[object_key][record_id])
 
+    def delete_record(self, object_key: str, record_id: str) -> None:
+        """What staff deleting a record in Knack does: every later request for it is answered 404."""
+        with self._lock:
+            del self._records[object_key][record_id]
+
     def reset_plan(self, used: int = 0) -> None:
         """A new day: the daily budget is whole again (less `used`)."""
         with self._lock:
