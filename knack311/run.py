@@ -20,8 +20,8 @@ from .dispatch import SendLoop, order_key, stop_reason
 from .errors import ConfigError, OutageError
 from .esb import ESBClient
 from .healthcheck import Healthcheck
-from .journal import DONE, Journal, JournalError, RunLock, journal_path, prepare_state_dir
-from .knack import SENT, KnackClient, KnackHTTPError
+from .journal import RECHECK_AFTER, Journal, JournalError, RunLock, journal_path, prepare_state_dir
+from .knack import DO_NOT_SEND, READY_TO_SEND, SENT, KnackClient, KnackHTTPError, RecordGone
 from .listing import Listing
 from .logs import EventLog, progress_reader
 from .metadata_cache import AppMetadata
@@ -207,38 +207,42 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
     if journal is not None and listing.complete and not stop.stopped:
         # only a complete listing tells which records are no longer ready
         ready_ids = listing.seen - loop.skipped_ids
-        _close_confirmed(journal, knack, settings, ready_ids, emit, stop)
+        _close_settled(journal, knack, settings, ready_ids, emit, stop)
         journal.clear_failures_except(ready_ids)
 
 
-def _close_confirmed(journal: Journal, knack: KnackClient, settings: Settings, ready_ids: set[str], emit,
-                     stop: Stop) -> None:
-    """Close the journal entries of records Knack no longer lists as ready, once Knack confirms they are SENT.
+def _close_settled(journal: Journal, knack: KnackClient, settings: Settings, ready_ids: set[str], emit,
+                   stop: Stop, wall_clock: Callable[[], float] = time.time) -> None:
+    """Close the journal entries (`sending`, `delivered`, `parked`) whose record Knack has settled: a status other
+    than READY_TO_SEND (SENT, DO_NOT_SEND, blank, anything else) or deleted. Nothing more is sent or set for them.
 
     Not being listed is not proof: a staff edit between two page reads shifts the pages, and a record that is
     still READY_TO_SEND can be missing from one listing. Closing its `delivered` entry would make the next run
-    post it again; so each is confirmed with one read of the record.
+    post it again; so each is confirmed with one read of the record. Knack's API filters records by field keys
+    only (its docs name no filter on the record id), so the reads cannot be batched: instead an entry whose record
+    still shows READY_TO_SEND without being listed (a blank EMI id keeps it out of the view) is asked about again
+    only after RECHECK_AFTER, so old entries do not add Knack calls to every idle run.
     """
     app = settings.app
-    closed = 0
-    for entry in journal.unfinished_except(ready_ids):
-        if not stop.work_time_left():
-            break
+    may_call = getattr(knack, "may_start_record", None)
+    now = wall_clock()
+    for entry in journal.unfinished_except(ready_ids, checked_before=now - RECHECK_AFTER):
+        if not stop.work_time_left() or (may_call is not None and not may_call()):
+            break  # the time or the app's daily Knack budget is spent: the next run asks about the rest
         try:
             status = knack.record_status(app.obj, entry.record_id, app.fields["esb_status"])
+        except RecordGone:
+            reason = "the record no longer exists in Knack"
         except OutageError as exc:
-            if getattr(exc, "status", None) == 404:  # deleted in Knack: there is nothing left to mark or resend
-                journal.set(entry.record_id, DONE)
-                emit("journal_closed", f"journal entry ({entry.state}) closed: the record no longer exists in Knack",
-                     record_id=entry.record_id)
-                continue
-            emit("unconfirmed", f"could not confirm with Knack that this record is {SENT} ({exc}); its journal "
-                 f"entry stays {entry.state}", level=WARNING, record_id=entry.record_id)
+            emit("unconfirmed", f"could not ask Knack whether this record is still {READY_TO_SEND} ({exc}); its "
+                 f"journal entry stays {entry.state}", level=WARNING, record_id=entry.record_id)
             break  # Knack is in trouble: do not spend the run's budget on confirmations
-        if status == SENT:
-            journal.set(entry.record_id, DONE)
-            closed += 1
-    if closed:
-        emit("journal_closed", f"{closed} journal entr{'y' if closed == 1 else 'ies'} closed: Knack confirms {SENT}")
-
-
+        else:
+            if status == READY_TO_SEND:
+                journal.mark_checked(entry.record_id, now)
+                continue
+            shown = status if status in (SENT, DO_NOT_SEND) else repr(status[:40]) if status else "no status"
+            reason = f"Knack shows {shown}"
+        journal.close_settled(entry.record_id, reason, now)
+        emit("journal_closed", f"journal entry ({entry.state}) closed: {reason}; nothing more is sent or set for "
+             f"it unless staff set it {READY_TO_SEND}", record_id=entry.record_id)
