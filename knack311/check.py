@@ -35,7 +35,7 @@ from .access import FOLDER_FIX, access_fix, folder_creation_fix, is_permission_e
 from .errors import ConfigError, OutageError
 from .esb import ESBUnreachable, Handshake, handshake
 from .esb_proxy import esb_proxy_setting, proxy_address
-from .fields import resolve_timezone
+from .fields import TOLERATED_TYPES, resolve_timezone, type_problem
 from .healthcheck import healthcheck_url, ping_host
 from .journal import journal_path
 from .knack import DO_NOT_SEND, READY_TO_SEND, SENT, KnackClient, KnackHTTPError
@@ -52,25 +52,6 @@ REQUIRED_VARIABLES = ("KNACK_APP_ID", "KNACK_API_KEY", "ESB_ENDPOINT")
 CERT_WARN_DAYS = 30          # time enough to have a certificate renewed by the city's PKI team
 LOW_DISK_BYTES = 100 << 20   # the journal is small; this leaves room for it and SQLite's WAL
 
-# Knack field types that work for each template variable (fields.format_value turns them into text).
-_TEXT = frozenset({"short_text", "concatenation", "number", "auto_increment"})
-EXPECTED_TYPES: dict[str, frozenset[str]] = {
-    "atd_activity_id": frozenset({"auto_increment", "number"}),
-    "emi_id": _TEXT,
-    "sr_number": _TEXT | {"connection"},  # signs-markings links the service request record
-    "issue_status_code_snapshot": _TEXT | {"multiple_choice"},
-    "esb_status": frozenset({"multiple_choice"}),  # the status the bridge reads and writes
-    "activity_datetime": frozenset({"date_time"}),
-    "activity_details": frozenset({"paragraph_text", "short_text"}),  # rich_text would send HTML markup to 311
-    "activity_name": frozenset({"multiple_choice", "connection", "short_text"}),
-    "csr_activity_id": _TEXT,
-    "csr_activity_code": _TEXT | {"multiple_choice"},
-}
-# Types that work, with a caveat worth a WARN.
-TOLERATED_TYPES: dict[str, tuple[frozenset[str], str]] = {
-    "atd_activity_id": (frozenset({"short_text", "concatenation"}),
-                        "311 gets activities in this id's numeric order; a text id that is not a number goes last"),
-}
 STATUSES = (READY_TO_SEND, SENT, DO_NOT_SEND)
 
 
@@ -190,11 +171,10 @@ def _check_field(app: AppConfig, variable: str, key: str, obj: dict | None, colu
     if field is None:
         return Row(item, FAIL, f"{key} is not a field of {app.obj} (config.py fields[{variable!r}])")
     knack_type = field.get("type", "")
-    expected = EXPECTED_TYPES.get(variable, frozenset())
     tolerated, caveat = TOLERATED_TYPES.get(variable, (frozenset(), ""))
-    if knack_type not in expected | tolerated:
-        return Row(item, FAIL, f"{key} is a {knack_type or 'typeless'} field, expected {' or '.join(sorted(expected))}"
-                               f" (config.py fields[{variable!r}])")
+    problem = type_problem(variable, key, knack_type)
+    if problem:
+        return Row(item, FAIL, problem)
     if columns is not None and key not in columns:
         return Row(item, FAIL, f"{key} is not a column of view {app.view}: its records would come without it "
                                "(add the column in Knack)")

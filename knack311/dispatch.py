@@ -106,6 +106,12 @@ class SendLoop:
         self._leave(self._deliver(scheduler))
         self._retry_unmarked()
 
+    def use_formatting(self, field_types: dict[str, str], tz: ZoneInfo) -> None:
+        """The field types and the app's zone records are read with, from fresh metadata (run.py hands them over
+        when the first records arrive, before any of them is read)."""
+        self.field_types, self.tz = field_types, tz
+        self.sender.tz = tz
+
     def _read(self, scheduler: Scheduler, settled: bool) -> None:
         """The next page: its new records checked, rendered and added to the scheduler. A read that fails stops
         the run (nothing new starts) while the records in flight finish."""

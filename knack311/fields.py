@@ -13,6 +13,38 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from .errors import ConfigError, RecordError
 from .message import Activity
 
+# Knack field types that work for each template variable (format_value turns them into text). `--check` and the
+# run judge a configured field by this one table.
+_TEXT = frozenset({"short_text", "concatenation", "number", "auto_increment"})
+EXPECTED_TYPES: dict[str, frozenset[str]] = {
+    "atd_activity_id": frozenset({"auto_increment", "number"}),
+    "emi_id": _TEXT,
+    "sr_number": _TEXT | {"connection"},  # signs-markings links the service request record
+    "issue_status_code_snapshot": _TEXT | {"multiple_choice"},
+    "esb_status": frozenset({"multiple_choice"}),  # the status the bridge reads and writes
+    "activity_datetime": frozenset({"date_time"}),
+    "activity_details": frozenset({"paragraph_text", "short_text"}),  # rich_text would send HTML markup to 311
+    "activity_name": frozenset({"multiple_choice", "connection", "short_text"}),
+    "csr_activity_id": _TEXT,
+    "csr_activity_code": _TEXT | {"multiple_choice"},
+}
+# Types that work, with a caveat worth a WARN.
+TOLERATED_TYPES: dict[str, tuple[frozenset[str], str]] = {
+    "atd_activity_id": (frozenset({"short_text", "concatenation"}),
+                        "311 gets activities in this id's numeric order; a text id that is not a number goes last"),
+}
+
+
+def type_problem(variable: str, key: str, knack_type: str) -> str:
+    """"" when a Knack field of this type can fill the template variable; else what is wrong, naming the field."""
+    expected = EXPECTED_TYPES.get(variable, frozenset())
+    tolerated, _ = TOLERATED_TYPES.get(variable, (frozenset(), ""))
+    if knack_type in expected | tolerated:
+        return ""
+    return (f"{key} is a {knack_type or 'typeless'} field, expected {' or '.join(sorted(expected))} "
+            f"(config.py fields[{variable!r}])")
+
+
 # Knack stores the app timezone under Rails' friendly names ("Central Time (US & Canada)"), not IANA names.
 # The US zones are the ones Knack apps of a US city use; a few others are listed for completeness. An app
 # whose name is missing here can set `timezone` (an IANA name) in config.py.
@@ -94,6 +126,20 @@ def knack_datetime(raw: object, tz: ZoneInfo) -> str:
     return wall_clock.replace(tzinfo=tz).isoformat()
 
 
+# What 311 takes as activity_date: a date, a time and a UTC offset (knack_datetime writes exactly this).
+_ISO_WITH_OFFSET = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})")
+
+
+def is_iso_datetime_with_offset(text: str) -> bool:
+    if not _ISO_WITH_OFFSET.fullmatch(text):
+        return False
+    try:
+        dt.datetime.fromisoformat(text)
+    except ValueError:  # the shape, but no such day or time ("2024-02-30T25:00+00:00")
+        return False
+    return True
+
+
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 
@@ -156,6 +202,13 @@ def activity_from_record(record: dict, fields: dict[str, str], field_types: dict
             raise RecordError(f"field {key} ({variable}): {exc}") from None
         # codes and ids lose stray spaces; the details go to 311 exactly as staff typed them
         values[variable] = text if variable == "activity_details" else text.strip()
+    # The guard behind the check of the metadata's field types: whatever typed the field, no activity_date that is
+    # not a date-time with its offset reaches 311 (a blank one goes blank, as Knack holds it).
+    when = values["activity_datetime"]
+    if when and not is_iso_datetime_with_offset(when):
+        key = fields["activity_datetime"]
+        raise RecordError(f"field {key} (activity_datetime) is a {field_types.get(key) or 'typeless'} field whose "
+                          f"value {_show(when)} is not an ISO 8601 date-time with a UTC offset")
     return Activity(
         record_id=str(record.get("id", "")),
         atd_activity_id=values["atd_activity_id"],

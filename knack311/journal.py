@@ -39,6 +39,8 @@ SENDING, DELIVERED, DONE = "sending", "delivered", "done"
 PARKED = "parked"
 KEEP_DONE_SECONDS = 30 * 24 * 3600   # done entries, old failures and old runs are kept this long
 KEEP_RUNS = 100                      # ... and at most this many runs
+# an entry whose record Knack still shows ready, though the view does not list it, is asked about again after this
+RECHECK_AFTER = 24 * 3600.0
 
 LAYOUT_VERSION = 2
 # table -> its columns, in order: what this version reads and writes
@@ -203,16 +205,30 @@ class Journal:
         """Drop a 'sending' entry whose POST certainly never reached the ESB (the connection was refused)."""
         self._execute("DELETE FROM deliveries WHERE record_id = ? AND state = ?", (record_id, SENDING))
 
-    def unfinished_except(self, ready_ids: set[str]) -> list[Entry]:
-        """`delivered` and `sending` entries whose record Knack no longer lists as ready to send, oldest first.
+    def unfinished_except(self, ready_ids: set[str], checked_before: float | None = None) -> list[Entry]:
+        """`delivered`, `sending` and `parked` entries whose record Knack no longer lists as ready to send, and that
+        no run asked Knack about since `checked_before` (None: whenever asked): never asked first, then the
+        longest ago, oldest first.
 
-        Knack may have SENT for them (the answer to our update was lost, or the run died before writing `done`),
-        but a record can also drop out of one listing without being SENT (a staff edit shifting the pages, a
-        view answering without its filter): the caller confirms each with Knack before closing it.
+        Knack may have settled them (SENT: the answer to our update was lost, or the run died before writing
+        `done`; DO_NOT_SEND or deleted by staff), but a record can also drop out of one listing while still ready
+        (a staff edit shifting the pages, a blank EMI id): the caller asks Knack before closing any.
         """
         rows = self._rows("SELECT record_id, state, emi, message_hash, updated, note, posts, checked FROM deliveries "
-                          "WHERE state IN (?, ?) ORDER BY updated", (DELIVERED, SENDING))
+                          "WHERE state IN (?, ?, ?) AND checked < ? ORDER BY checked, updated",
+                          (DELIVERED, SENDING, PARKED, float("inf") if checked_before is None else checked_before))
         return [Entry(*row) for row in rows if row[0] not in ready_ids]
+
+    def mark_checked(self, record_id: str, when: float) -> None:
+        """Knack was asked about this entry's record at `when` and still shows it ready: the entry stays as it is."""
+        self._execute("UPDATE deliveries SET checked = ? WHERE record_id = ?", (when, record_id))
+
+    def close_settled(self, record_id: str, reason: str, when: float) -> None:
+        """An entry whose record Knack has settled (its status is not READY_TO_SEND, or it was deleted): `done`,
+        with the reason in its note. An entry a run changed meanwhile is left alone."""
+        self._execute("UPDATE deliveries SET state = ?, note = ?, updated = ?, checked = ? "
+                      "WHERE record_id = ? AND state IN (?, ?, ?)",
+                      (DONE, reason, when, when, record_id, DELIVERED, SENDING, PARKED))
 
     def counts(self) -> dict[str, int]:
         return dict(self._rows("SELECT state, COUNT(*) FROM deliveries GROUP BY state"))

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TextIO
 
 from .delivery import when
-from .journal import SENDING, journal_path, read_report
-from .knack import SENT
+from .journal import RECHECK_AFTER, SENDING, Entry, journal_path, read_report
+from .knack import READY_TO_SEND, SENT
 from .logs import printable
 from .outcomes import COUNT_NAMES, EXIT_OK
 
@@ -40,17 +40,20 @@ def report(app_name: str, state_dir: Path, out: TextIO = sys.stdout, last_runs: 
 
     # A delivery keeps no SR in the journal; its failure (a status update that did not take) does.
     sr_of = {failure.record_id: failure.sr_number for failure in found.failures}
+    settled = f"closed once Knack shows the record in a state other than {READY_TO_SEND}, or deleted"
     say(f"delivered to the ESB, not yet marked {SENT} in Knack: {len(found.delivered) or 'none'}"
-        + (" (the next run sets them SENT without resending)" if found.delivered else ""))
+        + (f" (each: set {SENT} without posting it again when a run lists the record as ready; {settled})"
+           if found.delivered else ""))
     for entry in found.delivered:
         say(f"  {record_label(entry.record_id, sr_of.get(entry.record_id))} accepted {when(entry.updated)}"
-            f" (EMI message {entry.emi or '-'})")
+            f" (EMI message {entry.emi or '-'}){_asked(entry)}")
     say(f"delivery in doubt ({SENDING}): {len(found.sending) or 'none'}"
-        + (" (the next run sends them again; 311 may receive them twice)" if found.sending else ""))
+        + (f" (each: posted again when a run lists the record as ready, and 311 may receive it twice; {settled})"
+           if found.sending else ""))
     for entry in found.sending:
         why = entry.note or "a run died while posting it"
         say(f"  {record_label(entry.record_id, sr_of.get(entry.record_id))} since {when(entry.updated)}: {why}"
-            f" (EMI message {entry.emi or '-'})")
+            f" (EMI message {entry.emi or '-'}){_asked(entry)}")
     say(f"records that keep failing: {len(found.failures) or 'none'}")
     for failure in found.failures:
         say(f"  {record_label(failure.record_id, failure.sr_number)} failing since {when(failure.first_failed)}"
@@ -65,3 +68,12 @@ def report(app_name: str, state_dir: Path, out: TextIO = sys.stdout, last_runs: 
         tail = f" stopped: {row.stop_reason}" if row.stop_reason else ""
         say(f"  {when(row.started)} to {when(row.ended)} exit={row.exit_code} {counts}{tail}")
     return EXIT_OK
+
+
+def _asked(entry: Entry) -> str:
+    """When a run last found the record still ready in Knack though the view did not list it (a blank EMI id keeps
+    a record out of the view), and when Knack is asked again."""
+    if not entry.checked:
+        return ""
+    return (f"; Knack showed it {READY_TO_SEND} on {when(entry.checked)} without the view listing it (is its EMI id "
+            f"blank?); asked again after {when(entry.checked + RECHECK_AFTER)}")

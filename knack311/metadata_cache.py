@@ -2,9 +2,14 @@
 
 The metadata (scenes, views, objects, field types, timezone) changes when someone edits the app in the Knack
 builder, which is rare; reading it on every 5-minute run doubles an idle run's cost to the app's daily API
-budget. A cached copy is used for a day, and refetched at once when the configured view, object or a field is
-missing from it (the app was edited: the fresh metadata may have it). A copy that cannot be read, is not JSON, is
-for another app id or was written in the future is ignored and refetched: the cache never fails a run.
+budget. The cache serves that idle run only: it names the scene of the view, which is all a run needs to find
+that nothing waits. A run whose first page holds records reads the metadata afresh before its first message is
+built (`AppMetadata.for_messages`), so no message is ever built from cached field types or a cached timezone.
+
+A cached copy is used for a day, and refetched at once when the configured view, object or a field is missing
+from it, or a field has a type that cannot fill its element (the app was edited, or the copy is wrong: the fresh
+metadata may fit). A copy that cannot be read, is not JSON, is for another app id or was written in the future is
+ignored and refetched: the cache never fails a run.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
-from .errors import OutageError
+from .errors import ConfigError, OutageError
+from .fields import resolve_timezone, type_problem
 from .knack import AppSchema, app_schema_from
 
 if TYPE_CHECKING:
     from .knack import KnackClient
-    from .settings import Settings
+    from .settings import AppConfig, Settings
 
 MAX_AGE = 24 * 3600.0  # seconds a cached copy is trusted
 FORMAT = 1
@@ -98,6 +105,21 @@ def missing_from(metadata: dict, *, view: str, obj: str, fields: Iterable[str]) 
     return missing + [key for key in fields if key not in keys]
 
 
+def unfit_types(metadata: dict, *, obj: str, fields: dict[str, str]) -> list[str]:
+    """The configured fields (template variable -> field key) whose type in the metadata cannot fill their element,
+    as `--check` judges them; fields the metadata lacks are missing_from's."""
+    app = metadata.get("application") if isinstance(metadata, dict) else None
+    objects = [o for o in (app.get("objects") or [] if isinstance(app, dict) else []) if isinstance(o, dict)]
+    fields_of_obj = next((o.get("fields") or [] for o in objects if o.get("key") == obj), [])
+    return unfit_fields(fields, {f.get("key"): str(f.get("type", "")) for f in fields_of_obj if isinstance(f, dict)})
+
+
+def unfit_fields(fields: dict[str, str], field_types: dict[str, str]) -> list[str]:
+    """What is wrong with each configured field whose Knack type cannot fill its element (`--check`'s rule)."""
+    return [problem for variable, key in fields.items() if variable != "id" and key in field_types
+            for problem in [type_problem(variable, key, field_types[key])] if problem]
+
+
 def load_or_fetch(cache: MetadataCache, fetch: Callable[[], Any], fits: Callable[[dict], bool],
                   max_age: float = MAX_AGE) -> tuple[Any, bool]:
     """(metadata, came_from_cache): the cached copy if it is fresh and fits the configuration, else fetch() and
@@ -118,10 +140,12 @@ class AppMetadata:
 
     def __init__(self, settings: Settings, knack: KnackClient):
         app = settings.app
+        self._app: AppConfig = app
         self._knack = knack
         self._obj, self._view = app.obj, app.view
         self._fields = [key for variable, key in app.fields.items() if variable != "id"]
         self._cache = None if settings.dry_run else MetadataCache(settings.state_dir, app.name, settings.knack_app_id)
+        self._schema: AppSchema | None = None
         self.from_cache = False
         self.scene = ""
 
@@ -135,6 +159,25 @@ class AppMetadata:
             if not self.from_cache:
                 raise
             return self._fresh()  # a cached copy that cannot be read is no reason to fail
+
+    def for_messages(self) -> tuple[dict[str, str], ZoneInfo]:
+        """The field types and the app's zone that messages are built with, from metadata this run fetched (one
+        request when the schema came from the cache, none otherwise).
+
+        ConfigError (exit 2, nothing sent) when a configured field is missing from the activity object or has a
+        type that cannot fill its element (the rule `--check` applies), or the timezone is unknown.
+        """
+        schema = self._fresh() if self.from_cache else (self._schema or self.schema())
+        app = self._app
+        missing = [f"{key} ({variable})" for variable, key in app.fields.items()
+                   if variable != "id" and key not in schema.field_types]
+        if missing:
+            raise ConfigError(f"config.py {app.name!r}: field(s) not in Knack object {app.obj}: {', '.join(missing)}")
+        unfit = unfit_fields(app.fields, schema.field_types)
+        if unfit:
+            raise ConfigError(f"config.py {app.name!r}: Knack field(s) of a type that cannot fill the message: "
+                              f"{'; '.join(unfit)}")
+        return schema.field_types, resolve_timezone(schema.timezone_name, app.timezone)
 
     def refresh(self) -> bool:
         """Fetch afresh when the schema came from the cache (True); False when it was fresh already."""
@@ -152,9 +195,10 @@ class AppMetadata:
         return schema
 
     def _fits(self, data: dict) -> bool:
-        return not missing_from(data, view=self._view, obj=self._obj, fields=self._fields)
+        return (not missing_from(data, view=self._view, obj=self._obj, fields=self._fields)
+                and not unfit_types(data, obj=self._obj, fields=self._app.fields))
 
     def _take(self, data: object) -> AppSchema:
         schema = app_schema_from(data, self._obj, self._view)
-        self.scene = schema.scene
+        self.scene, self._schema = schema.scene, schema
         return schema

@@ -19,10 +19,9 @@ from .delivery import ESBSlots, RecordSender
 from .dispatch import SendLoop, order_key, stop_reason
 from .errors import ConfigError, OutageError
 from .esb import ESBClient
-from .fields import resolve_timezone
 from .healthcheck import Healthcheck
-from .journal import DONE, Journal, JournalError, RunLock, journal_path, prepare_state_dir
-from .knack import SENT, KnackClient, KnackHTTPError
+from .journal import RECHECK_AFTER, Journal, JournalError, RunLock, journal_path, prepare_state_dir
+from .knack import DO_NOT_SEND, READY_TO_SEND, SENT, KnackClient, KnackHTTPError, RecordGone
 from .listing import Listing
 from .logs import EventLog, progress_reader
 from .metadata_cache import AppMetadata
@@ -170,14 +169,14 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
     app = settings.app
     emit = readers.emit
     metadata = AppMetadata(settings, knack)
-    schema = metadata.schema()
-    missing = [f"{key} ({variable})" for variable, key in app.fields.items()
-               if variable != "id" and key not in schema.field_types]
-    if missing:
-        raise ConfigError(f"config.py {app.name!r}: field(s) not in Knack object {app.obj}: {', '.join(missing)}")
-    tz = resolve_timezone(schema.timezone_name, app.timezone)
+    metadata.schema()  # the scene of the view, all an idle run needs: from the cache when it fits
+    # Messages are built only with field types and a zone from metadata this run fetched: at once when the schema
+    # is fresh (a configuration error stops the run before any read), else when the first records arrive.
+    formatting = None if metadata.from_cache else metadata.for_messages()
 
     def fetch(page: int) -> tuple[list[dict], int, int | None]:
+        nonlocal formatting
+
         def read_page():
             return knack.ready_page(metadata.scene, app.view, app.fields["emi_id"], app.fields["esb_status"], page,
                                     sort_field=app.fields["atd_activity_id"])
@@ -188,51 +187,62 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
             if exc.status not in (400, 404) or not metadata.refresh():
                 raise
             read = read_page()
+        if read.records and formatting is None:
+            # before the first record is read into a message; nothing is in flight yet, so a ConfigError here
+            # ends the run (exit 2) with nothing sent
+            formatting = metadata.for_messages()
+            loop.use_formatting(*formatting)
         return read.records, read.total_pages, read.total_records
 
     listing = Listing(fetch, key=lambda r: order_key(r, app.fields["atd_activity_id"]),
                       log=lambda line: _knack_said(emit, line), sequential=settings.dry_run, view=app.view)
     slots = ESBSlots(settings.esb_in_flight, stop) if esb is not None else None
+    # (until fetch supplies them, no field types and no zone: nothing can be read into a message)
+    field_types, tz = formatting if formatting is not None else ({}, None)
     sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_slots=slots)
-    loop = SendLoop(settings, sender, journal, emit, summary, stop, run_id, schema.field_types, tz,
+    loop = SendLoop(settings, sender, journal, emit, summary, stop, run_id, field_types, tz,
                     esb_slots=slots, budget=knack)
     loop.run(listing, readers.planned)
 
     if journal is not None and listing.complete and not stop.stopped:
         # only a complete listing tells which records are no longer ready
         ready_ids = listing.seen - loop.skipped_ids
-        _close_confirmed(journal, knack, settings, ready_ids, emit, stop)
+        _close_settled(journal, knack, settings, ready_ids, emit, stop)
         journal.clear_failures_except(ready_ids)
 
 
-def _close_confirmed(journal: Journal, knack: KnackClient, settings: Settings, ready_ids: set[str], emit,
-                     stop: Stop) -> None:
-    """Close the journal entries of records Knack no longer lists as ready, once Knack confirms they are SENT.
+def _close_settled(journal: Journal, knack: KnackClient, settings: Settings, ready_ids: set[str], emit,
+                   stop: Stop, wall_clock: Callable[[], float] = time.time) -> None:
+    """Close the journal entries (`sending`, `delivered`, `parked`) whose record Knack has settled: a status other
+    than READY_TO_SEND (SENT, DO_NOT_SEND, blank, anything else) or deleted. Nothing more is sent or set for them.
 
     Not being listed is not proof: a staff edit between two page reads shifts the pages, and a record that is
     still READY_TO_SEND can be missing from one listing. Closing its `delivered` entry would make the next run
-    post it again; so each is confirmed with one read of the record.
+    post it again; so each is confirmed with one read of the record. Knack's API filters records by field keys
+    only (its docs name no filter on the record id), so the reads cannot be batched: instead an entry whose record
+    still shows READY_TO_SEND without being listed (a blank EMI id keeps it out of the view) is asked about again
+    only after RECHECK_AFTER, so old entries do not add Knack calls to every idle run.
     """
     app = settings.app
-    closed = 0
-    for entry in journal.unfinished_except(ready_ids):
-        if not stop.work_time_left():
-            break
+    may_call = getattr(knack, "may_start_record", None)
+    now = wall_clock()
+    for entry in journal.unfinished_except(ready_ids, checked_before=now - RECHECK_AFTER):
+        if not stop.work_time_left() or (may_call is not None and not may_call()):
+            break  # the time or the app's daily Knack budget is spent: the next run asks about the rest
         try:
             status = knack.record_status(app.obj, entry.record_id, app.fields["esb_status"])
+        except RecordGone:
+            reason = "the record no longer exists in Knack"
         except OutageError as exc:
-            if getattr(exc, "status", None) == 404:  # deleted in Knack: there is nothing left to mark or resend
-                journal.set(entry.record_id, DONE)
-                emit("journal_closed", f"journal entry ({entry.state}) closed: the record no longer exists in Knack",
-                     record_id=entry.record_id)
-                continue
-            emit("unconfirmed", f"could not confirm with Knack that this record is {SENT} ({exc}); its journal "
-                 f"entry stays {entry.state}", level=WARNING, record_id=entry.record_id)
+            emit("unconfirmed", f"could not ask Knack whether this record is still {READY_TO_SEND} ({exc}); its "
+                 f"journal entry stays {entry.state}", level=WARNING, record_id=entry.record_id)
             break  # Knack is in trouble: do not spend the run's budget on confirmations
-        if status == SENT:
-            journal.set(entry.record_id, DONE)
-            closed += 1
-    if closed:
-        emit("journal_closed", f"{closed} journal entr{'y' if closed == 1 else 'ies'} closed: Knack confirms {SENT}")
-
-
+        else:
+            if status == READY_TO_SEND:
+                journal.mark_checked(entry.record_id, now)
+                continue
+            shown = status if status in (SENT, DO_NOT_SEND) else repr(status[:40]) if status else "no status"
+            reason = f"Knack shows {shown}"
+        journal.close_settled(entry.record_id, reason, now)
+        emit("journal_closed", f"journal entry ({entry.state}) closed: {reason}; nothing more is sent or set for "
+             f"it unless staff set it {READY_TO_SEND}", record_id=entry.record_id)

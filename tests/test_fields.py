@@ -11,7 +11,14 @@ import pytest
 
 import config
 from knack311.errors import ConfigError, RecordError
-from knack311.fields import activity_from_record, format_value, knack_datetime, resolve_timezone
+from knack311.fields import (
+    activity_from_record,
+    format_value,
+    is_iso_datetime_with_offset,
+    knack_datetime,
+    resolve_timezone,
+    type_problem,
+)
 from knack311.message import Activity
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "knack"
@@ -378,3 +385,50 @@ def test_activity_from_record_bad_date_names_the_field():
     with pytest.raises(RecordError) as err:
         activity_from_record(rec, FIELDS, DATA_TRACKER_TYPES, CHICAGO)
     assert FIELDS["activity_datetime"] in str(err.value)
+
+
+# --- activity_date: a date-time with its offset, or the record fails (issue 13) --------------------------------
+
+def test_an_activity_datetime_typed_as_text_fails_the_record_naming_the_field_and_its_type():
+    rec = data_tracker_record()
+    key = FIELDS["activity_datetime"]
+    # what a metadata copy typing the date as short text makes of Knack's date object (seen sent to 311 once)
+    types = {**DATA_TRACKER_TYPES, key: "short_text"}
+    with pytest.raises(RecordError) as err:
+        activity_from_record(rec, FIELDS, types, CHICAGO)
+    assert f"field {key} (activity_datetime) is a short_text field" in str(err.value)
+    assert "ISO 8601" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["07/03/2018 10:26am", "2018-07-03T10:26:00", "2018-07-03", "1530613560000",
+                                  "2018-07-03 10:26:00-05:00", "2018-02-30T10:26:00-06:00"])
+def test_an_activity_date_without_an_offset_or_not_iso_fails_the_record(text):
+    rec = data_tracker_record()
+    key = FIELDS["activity_datetime"]
+    rec[key] = rec[f"{key}_raw"] = text
+    with pytest.raises(RecordError) as err:
+        activity_from_record(rec, FIELDS, {**DATA_TRACKER_TYPES, key: "short_text"}, CHICAGO)
+    assert key in str(err.value) and "short_text" in str(err.value)
+
+
+def test_a_blank_activity_date_still_goes_blank():
+    rec = data_tracker_record()
+    key = FIELDS["activity_datetime"]
+    rec[key] = rec[f"{key}_raw"] = ""
+    assert activity_from_record(rec, FIELDS, DATA_TRACKER_TYPES, CHICAGO).activity_datetime == ""
+
+
+@pytest.mark.parametrize("text", ["2018-07-03T10:26:00-05:00", "2018-07-03T10:26:00Z", "2018-07-03T10:26-05:00",
+                                  "2018-07-03T10:26:00.123+09:30"])
+def test_iso_date_times_with_an_offset_are_accepted(text):
+    assert is_iso_datetime_with_offset(text)
+
+
+# --- the field type rule, shared by --check and the run ---------------------------------------------------------
+
+def test_type_problem_names_the_field_its_type_and_what_fits():
+    assert type_problem("activity_datetime", "field_1", "date_time") == ""
+    assert type_problem("atd_activity_id", "field_2", "short_text") == ""  # tolerated (with --check's WARN)
+    assert type_problem("activity_datetime", "field_1", "short_text") == (
+        "field_1 is a short_text field, expected date_time (config.py fields['activity_datetime'])")
+    assert "typeless" in type_problem("emi_id", "field_3", "")

@@ -18,6 +18,7 @@ from knack311.journal import (
     KEEP_RUNS,
     LAYOUT,
     LAYOUT_VERSION,
+    PARKED,
     SENDING,
     Entry,
     Journal,
@@ -341,6 +342,39 @@ def test_unfinished_entries_of_records_no_longer_ready_are_listed_for_confirmati
     assert [(e.record_id, e.state) for e in stale] == [("not-listed", DELIVERED), ("in-doubt", SENDING)]
     assert journal.get("not-listed").state == DELIVERED
     assert journal.get("finished").state == DONE
+
+
+def test_entries_asked_about_within_the_recheck_window_wait_and_parked_ones_are_listed_too(journal):
+    journal.set("asked-an-hour-ago", SENDING, "EMI-1", "h1")
+    journal.set("never-asked", DELIVERED, "EMI-2", "h2")
+    journal.set("parked", PARKED, "EMI-3", "h3")
+    journal.set("asked-two-days-ago", DELIVERED, "EMI-4", "h4")
+    now = time.time()
+    journal.mark_checked("asked-an-hour-ago", now - 3600)
+    journal.mark_checked("asked-two-days-ago", now - 2 * DAY)
+
+    due = journal.unfinished_except(set(), checked_before=now - DAY)
+
+    # never asked first, then the longest ago; the one asked an hour ago waits for tomorrow
+    assert [e.record_id for e in due] == ["never-asked", "parked", "asked-two-days-ago"]
+    assert journal.get("asked-an-hour-ago").state == SENDING and journal.get("asked-an-hour-ago").checked > 0
+    assert {e.record_id for e in journal.unfinished_except(set())} == {"asked-an-hour-ago", "never-asked", "parked",
+                                                                        "asked-two-days-ago"}
+
+
+def test_closing_a_settled_entry_keeps_why_in_its_note_and_leaves_a_changed_entry_alone(journal):
+    journal.set("in-doubt", SENDING, "EMI-1", "h1", note="no answer within 5s")
+    journal.set("already-done", DONE, "EMI-2", "h2")
+
+    journal.close_settled("in-doubt", "Knack shows DO_NOT_SEND", 1_790_000_000.0)
+    journal.close_settled("already-done", "Knack shows SENT", 1_790_000_000.0)
+
+    closed = journal.get("in-doubt")
+    assert (closed.state, closed.note, closed.updated, closed.checked) == (DONE, "Knack shows DO_NOT_SEND",
+                                                                          1_790_000_000.0, 1_790_000_000.0)
+    assert (closed.emi, closed.message_hash) == ("EMI-1", "h1")
+    assert journal.get("already-done").note == ""  # not an unfinished entry: nothing to close
+    assert journal.unfinished_except(set()) == []
 
 
 def test_a_journal_that_stops_accepting_writes_is_an_outage_not_a_crash(journal_path):

@@ -395,6 +395,19 @@ def test_put_with_a_body_that_is_not_a_json_object_is_400(sim, body):
     assert sim.record(DT["obj"], record["id"]) == record
 
 
+def test_a_deleted_record_is_404_and_leaves_every_list(sim):
+    records = activities(2)
+    sim.add_records(DT["obj"], records)
+    url = f"{sim.url}/objects/{DT['obj']}/records/{records[0]['id']}"
+    assert requests.get(url, headers=AUTH, timeout=TIMEOUT).status_code == 200
+
+    sim.remove_record(DT["obj"], records[0]["id"])
+
+    assert requests.get(url, headers=AUTH, timeout=TIMEOUT).status_code == 404
+    assert requests.put(url, json={"field_1": "x"}, headers=AUTH, timeout=TIMEOUT).status_code == 404
+    assert [r["id"] for r in sim.records(DT["obj"])] == [records[1]["id"]]
+
+
 def test_state_accessors_return_copies(sim):
     [record] = activities(1)
     sim.add_records(DT["obj"], [record])

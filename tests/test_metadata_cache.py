@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from config import CONFIG
-from knack311.metadata_cache import MAX_AGE, MetadataCache, load_or_fetch, missing_from
+from knack311.metadata_cache import MAX_AGE, MetadataCache, load_or_fetch, missing_from, unfit_types
 from simulators.activities import app_metadata
 
 APP = CONFIG["data-tracker"]
@@ -168,3 +168,39 @@ def test_an_unwritable_state_dir_is_no_error(cache):
         assert cache.load() is None
     finally:
         os.chmod(cache.path.parent, 0o700)
+
+
+def typed(field_types: dict[str, str]) -> dict:
+    """The metadata with some configured fields (template variable -> Knack type) typed otherwise."""
+    data = metadata()
+    [activity_object] = [o for o in data["application"]["objects"] if o["key"] == APP["obj"]]
+    for field in activity_object["fields"]:
+        for variable, knack_type in field_types.items():
+            if field["key"] == APP["fields"][variable]:
+                field["type"] = knack_type
+    return data
+
+
+def test_unfit_types_names_each_configured_field_of_a_type_that_cannot_fill_its_element():
+    assert unfit_types(metadata(), obj=APP["obj"], fields=APP["fields"]) == []
+    poisoned = typed({"activity_datetime": "short_text", "esb_status": "rich_text"})
+    assert sorted(unfit_types(poisoned, obj=APP["obj"], fields=APP["fields"])) == sorted([
+        f"{APP['fields']['esb_status']} is a rich_text field, expected multiple_choice "
+        "(config.py fields['esb_status'])",
+        f"{APP['fields']['activity_datetime']} is a short_text field, expected date_time "
+        "(config.py fields['activity_datetime'])",
+    ])
+    assert unfit_types({"nonsense": 1}, obj=APP["obj"], fields=APP["fields"]) == []  # missing_from's to report
+
+
+def test_a_cached_copy_with_a_wrongly_typed_field_is_refetched_at_once(cache, clock):
+    cache.store(typed({"activity_datetime": "short_text"}))
+    clock.now += 60  # fresh by age
+
+    def fits_with_types(data: dict) -> bool:
+        return fits(data) and not unfit_types(data, obj=APP["obj"], fields=APP["fields"])
+
+    data, from_cache = load_or_fetch(cache, metadata, fits_with_types)
+
+    assert (data, from_cache) == (metadata(), False)
+    assert cache.load() == metadata()
