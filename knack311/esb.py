@@ -105,6 +105,7 @@ class ESBUncertain(ESBUnreachable):
 class Delivery:
     status: int
     attempts: int
+    seconds: float = 0.0  # how long the accepted POST waited for its answer
 
 
 # ----- reading an answer (pure) -----------------------------------------------------------------------------------
@@ -494,20 +495,22 @@ class ESBClient:
     def close(self) -> None:
         self._session.close()
 
-    def deliver(self, body: bytes) -> Delivery:
+    def deliver(self, body: bytes, timeout: float | None = None) -> Delivery:
         """POST one message: return on acceptance; raise RecordError on rejection, ESBUncertain when the outcome
-        is unknown, ESBUnreachable when the ESB certainly did not take it."""
+        is unknown, ESBUnreachable when the ESB certainly did not take it. `timeout`: how long each POST waits
+        for its answer, ESB_TIMEOUT unless given (a message in doubt is posted again with a longer wait)."""
         retry = with_stop(Retry(total=self._attempts - 1, status=self._attempts - 1, backoff_factor=self._backoff,
                                 status_forcelist=RETRY_STATUSES, allowed_methods=None, raise_on_status=False),
                           self._stop)
         attempts = 0
         while True:
             attempts += 1
-            reply = self._post(body)
+            began = time.monotonic()
+            reply = self._post(body, timeout or self._timeout)
             verdict, line = judge(reply.status, reply.reason, reply.body, too_large=reply.too_large,
                                   charset=reply.charset, location=reply.location)
             if verdict is Verdict.ACCEPTED:
-                return Delivery(status=reply.status, attempts=attempts)
+                return Delivery(status=reply.status, attempts=attempts, seconds=time.monotonic() - began)
             if verdict is Verdict.REJECTED:
                 raise RecordError(line)
             if verdict is Verdict.UNKNOWN:
@@ -523,13 +526,13 @@ class ESBClient:
             except RetryStopped:
                 raise ESBUnreachable(f"{line}, did not take the message (no time left to try again)") from None
 
-    def _post(self, body: bytes) -> _Reply:
+    def _post(self, body: bytes, timeout: float) -> _Reply:
         gate = _WriteGate()
 
         def post() -> _Reply:
             _current.gate = gate
             try:
-                reply = self._session.post(self._endpoint, data=body, timeout=self._socket_timeouts,
+                reply = self._session.post(self._endpoint, data=body, timeout=(self._socket_timeouts[0], timeout),
                                            allow_redirects=False, stream=True)
                 try:
                     content, too_large = read_capped(reply, ANSWER_LIMIT), False
@@ -542,7 +545,7 @@ class ESBClient:
                 _current.gate = None
 
         try:
-            reply = self._stop.call(post, timeout=self._timeout, what="ESB POST", write=True)
+            reply = self._stop.call(post, timeout=timeout, what="ESB POST", write=True)
         except CutShort as exc:
             if gate.close():
                 cause = "a stop signal came" if exc.by_signal else f"no complete answer within {exc.waited:.0f}s"

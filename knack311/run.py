@@ -192,7 +192,7 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
 
     listing = Listing(fetch, key=lambda r: order_key(r, app.fields["atd_activity_id"]),
                       log=lambda line: _knack_said(emit, line), sequential=settings.dry_run)
-    slots = ESBSlots(settings.esb_in_flight, stop) if esb is not None else None
+    slots = ESBSlots(settings.esb_in_flight, stop, in_time=settings.esb_timeout) if esb is not None else None
     sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_slots=slots)
     loop = SendLoop(settings, sender, journal, emit, summary, stop, run_id, schema.field_types, tz,
                     esb_slots=slots, budget=knack)
