@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TextIO
 
 from .delivery import when
-from .journal import SENDING, journal_path, read_report
+from .in_doubt import posts_so_far
+from .journal import PARKED, SENDING, journal_path, read_report
 from .knack import SENT
 from .logs import printable
 from .outcomes import COUNT_NAMES, EXIT_OK
@@ -36,10 +37,18 @@ def report(app_name: str, state_dir: Path, out: TextIO = sys.stdout, last_runs: 
     for entry in found.delivered:
         say(f"  record={entry.record_id} emi={entry.emi or '-'} accepted {when(entry.updated)}")
     say(f"delivery in doubt ({SENDING}): {len(found.sending) or 'none'}"
-        + (" (the next run sends them again; 311 may receive them twice)" if found.sending else ""))
+        + (" (the next run posts each again, alone and waiting longer; 311 may receive them twice)"
+           if found.sending else ""))
     for entry in found.sending:
         why = entry.note or "a run died while posting it"
-        say(f"  record={entry.record_id} emi={entry.emi or '-'} since {when(entry.updated)}: {why}")
+        say(f"  record={entry.record_id} emi={entry.emi or '-'} posts={posts_so_far(entry.posts)} since "
+            f"{when(entry.updated)}: {why}")
+    say(f"{PARKED} (posted twice without an answer; no run posts them again): {len(found.parked) or 'none'}"
+        + (" (ask the ESB team whether 311 has each: if it has, set the record SENT in Knack; if not, "
+           "--resend RECORD_ID)" if found.parked else ""))
+    for entry in found.parked:
+        say(f"  record={entry.record_id} emi={entry.emi or '-'} posts={posts_so_far(entry.posts)} parked "
+            f"{when(entry.updated)}: {entry.note or 'a run died while posting it'}")
     say(f"records that keep failing: {len(found.failures) or 'none'}")
     for failure in found.failures:
         say(f"  record={failure.record_id} sr={failure.sr_number or '-'} failing since {when(failure.first_failed)}"
