@@ -315,8 +315,10 @@ class SendLoop:
             summary.not_attempted += left
         else:
             summary.deferred += left
-            self.emit("deferred", f"time budget of {self.settings.max_runtime:g}s used: {left} record(s) deferred "
-                      "to the next run")
+            used = (f"too little of the time budget of {self.settings.max_runtime:g}s left to wait for the answer to "
+                    "a message in doubt" if self.stop.work_time_left() else
+                    f"time budget of {self.settings.max_runtime:g}s used")
+            self.emit("deferred", f"{used}: {left} record(s) deferred to the next run")
 
     def _abandon(self, records) -> None:
         """Records still in flight when the process must end: their journal entries (`sending` or `delivered`)

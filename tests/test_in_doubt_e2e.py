@@ -221,3 +221,24 @@ def test_resend_changes_nothing_when_an_id_is_unknown_or_not_parked(knack, esb, 
     assert both.returncode == 0, both.output
     assert {journal(state_dir)[r["id"]] for r in records[:2]} == {("sending", 1)}
     assert len([line for line in both.stdout.splitlines() if "released" in line]) == 2
+
+
+def test_a_repost_without_time_for_its_longer_wait_defers_it_and_everything_new(knack, esb, seed, run_bridge,
+                                                                                state_dir):
+    from knack311.journal import Journal
+
+    [doubtful, new] = seed(2)
+    state_dir.mkdir(mode=0o700, parents=True)
+    j = Journal(state_dir / f"{APP}.journal.sqlite3")
+    j.posting(doubtful["id"], "EMI-1001", "h")
+    j.set(doubtful["id"], "sending", note="no answer within 5s")
+    j.close()
+
+    # ESB_TIMEOUT 5 s: a re-post wants 15 s, at least 10; the run's time is 3 s + ESB_TIMEOUT
+    result = run_bridge("--max-runtime", "3")
+
+    assert result.returncode == 0, result.output  # deferred by the time budget, not failed
+    assert esb.received == []  # neither the re-post with too short a wait, nor the new record before it
+    assert re.search(r"\bdeferred=2\b", summary(result.stdout)), summary(result.stdout)
+    assert journal(state_dir)[doubtful["id"]] == ("sending", 1)
+    assert statuses(knack) == {doubtful["id"]: READY, new["id"]: READY}
