@@ -113,7 +113,14 @@ def test_a_slow_esb_gets_at_most_two_copies_and_its_answers_settle_the_records(k
     assert "WARNING" in slow and "set ESB_TIMEOUT to 3 or more" in slow, slow
 
     # 3 and 4: each run settles what the last one left in doubt, then posts new ones one at a time
-    third, fourth = cron_run(), cron_run()
+    before_third = len(esb.received)
+    third = cron_run()
+    # after answers later than ESB_TIMEOUT, one POST at a time: each starts once the one before got its answer
+    # or gave up (ESB_TIMEOUT), not with it, as the first run's four did
+    starts = sorted(r.at for r in esb.received[before_third:])
+    gaps = [later - earlier for earlier, later in zip(starts, starts[1:], strict=False)]
+    assert len(starts) >= 4 and min(gaps) >= TIMEOUT / 2, starts
+    fourth = cron_run()
     assert third.returncode == fourth.returncode == 1
     for run in (third, fourth):
         assert len([line for line in run.stdout.splitlines() if "only after ESB_TIMEOUT" in line]) == 1
