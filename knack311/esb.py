@@ -495,7 +495,7 @@ class ESBClient:
     def close(self) -> None:
         self._session.close()
 
-    def deliver(self, body: bytes, timeout: float | None = None) -> Delivery:
+    def deliver(self, body: bytes, *, timeout: float | None = None) -> Delivery:
         """POST one message: return on acceptance; raise RecordError on rejection, ESBUncertain when the outcome
         is unknown, ESBUnreachable when the ESB certainly did not take it. `timeout`: how long each POST waits
         for its answer, ESB_TIMEOUT unless given (a message in doubt is posted again with a longer wait)."""

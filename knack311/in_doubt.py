@@ -57,8 +57,8 @@ def not_answering(cause: str, in_doubt: int | None = None) -> str:
     the run's POSTs are over (None while they are not)."""
     if in_doubt is None:
         return f"the ESB is not answering ({cause})"
-    return (f"the ESB is not answering ({cause}; {in_doubt} message{'' if in_doubt == 1 else 's'} left in doubt, "
-            "posted again one at a time by the next run before anything new)")
+    return (f"the ESB is not answering ({cause}; {in_doubt} message(s) left in doubt, posted again one at a time "
+            "by the next run before anything new)")
 
 
 class Doubt:

@@ -41,14 +41,14 @@ def report(app_name: str, state_dir: Path, out: TextIO = sys.stdout, last_runs: 
            if found.sending else ""))
     for entry in found.sending:
         why = entry.note or "a run died while posting it"
-        say(f"  record={entry.record_id} emi={entry.emi or '-'} posts={posts_so_far(entry.posts)} since "
-            f"{when(entry.updated)}: {why}")
+        say(f"  record={entry.record_id} posts={posts_so_far(entry.posts)} since {when(entry.updated)}: {why} "
+            f"(EMI message {entry.emi or '-'})")
     say(f"{PARKED} (posted twice without an answer; no run posts them again): {len(found.parked) or 'none'}"
         + (" (ask the ESB team whether 311 has each: if it has, set the record SENT in Knack; if not, "
            "--resend RECORD_ID)" if found.parked else ""))
     for entry in found.parked:
-        say(f"  record={entry.record_id} emi={entry.emi or '-'} posts={posts_so_far(entry.posts)} parked "
-            f"{when(entry.updated)}: {entry.note or 'a run died while posting it'}")
+        say(f"  record={entry.record_id} posts={posts_so_far(entry.posts)} parked {when(entry.updated)}: "
+            f"{entry.note or 'a run died while posting it'} (EMI message {entry.emi or '-'})")
     say(f"records that keep failing: {len(found.failures) or 'none'}")
     for failure in found.failures:
         say(f"  record={failure.record_id} sr={failure.sr_number or '-'} failing since {when(failure.first_failed)}"

@@ -66,15 +66,15 @@ def resend(app_name: str, state_dir: Path, ids: list[str], out: TextIO = sys.std
             for record_id, entry in entries.items():
                 assert entry is not None
                 if entry.state == SENDING and not must_park(entry.posts):
-                    say(f"record={record_id} emi={entry.emi or '-'}: not parked, already in doubt (posted "
+                    say(f"record={record_id} (EMI message {entry.emi or '-'}): not parked, already in doubt (posted "
                         f"{posts_so_far(entry.posts)} time without an answer): the next run posts it again; "
                         "nothing to change")
                     continue
                 note = (f"parked after {posts_so_far(entry.posts)} POSTs without an answer ({entry.note or '-'}); "
                         f"released by --resend {when(time.time())}")
                 journal.release(record_id, note)
-                say(f"record={record_id} emi={entry.emi or '-'}: released: the next run posts it once more (311 may "
-                    "receive it twice); if that POST gets no answer either, it is parked again")
+                say(f"record={record_id} (EMI message {entry.emi or '-'}): released: the next run posts it once more "
+                    "(311 may receive it twice); if that POST gets no answer either, it is parked again")
         finally:
             journal.close()
     finally:

@@ -57,12 +57,12 @@ def test_the_stop_line_counts_what_the_journal_holds_in_doubt():
     reason = doubt.not_answering(parked=False, in_a_row=3)
     assert reason == not_answering("3 records in a row got no answer")
     line = doubt.stop_line(reason, 8)
-    assert line.startswith("the ESB is not answering (3 records in a row got no answer; 8 messages left in doubt")
-    assert "1 message left in doubt" in doubt.stop_line(reason, 1)
+    assert line.startswith("the ESB is not answering (3 records in a row got no answer; 8 message(s) left in doubt")
+    assert "; 1 message(s) left in doubt" in doubt.stop_line(reason, 1)
     # another stop reason (a signal, the journal) is left as it is
     assert doubt.stop_line("received SIGTERM", 8) == "received SIGTERM"
     parked = Doubt(esb_timeout=1.0)
-    assert "parked; 0 messages left in doubt" in parked.stop_line(parked.not_answering(parked=True, in_a_row=1), 0)
+    assert "parked; 0 message(s) left in doubt" in parked.stop_line(parked.not_answering(parked=True, in_a_row=1), 0)
 
 
 def test_late_answers_give_one_warning_with_a_higher_esb_timeout():

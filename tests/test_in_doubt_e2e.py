@@ -47,7 +47,7 @@ def summary(stdout: str) -> str:
 
 def stopped_in_doubt(stdout: str) -> int | None:
     """The number of messages the stop line says are left in doubt (None: no such stop line)."""
-    found = re.search(r"stopped: the ESB is not answering \(.*; (\d+) messages? left in doubt", summary(stdout))
+    found = re.search(r"stopped: the ESB is not answering \(.*; (\d+) message\(s\) left in doubt", summary(stdout))
     return int(found.group(1)) if found else None
 
 
