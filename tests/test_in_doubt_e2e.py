@@ -249,3 +249,26 @@ def test_a_repost_without_time_for_its_longer_wait_defers_it_and_everything_new(
     assert re.search(r"\bdeferred=2\b", summary(result.stdout)), summary(result.stdout)
     assert journal(state_dir)[doubtful["id"]] == ("sending", 1)
     assert statuses(knack) == {doubtful["id"]: READY, new["id"]: READY}
+
+
+def test_a_parked_record_that_311_has_is_set_sent_by_a_person_and_its_sr_goes_on(knack, esb, seed, run_bridge,
+                                                                                 state_dir):
+    from knack311.journal import Journal
+    from tests.test_run_failures import FIELDS, staff_edit
+
+    [parked, after] = seed(2, sr_number="20-00000002")
+    state_dir.mkdir(mode=0o700, parents=True)
+    j = Journal(state_dir / f"{APP}.journal.sqlite3")
+    j.posting(parked["id"], "EMI-1001", "h")
+    j.posting(parked["id"], "EMI-1001", "h")
+    j.park(parked["id"], "no answer within 15s")
+    j.close()
+    assert run_bridge().returncode == 1 and esb.received == []  # parked: held, and its SR with it
+
+    staff_edit(knack, parked, {FIELDS["esb_status"]: SENT})  # the ESB team says 311 has it
+    result = run_bridge()
+
+    assert result.returncode == 0, result.output
+    assert [r.record_id for r in esb.received] == [after["id"]]  # the parked one never again
+    assert journal(state_dir)[parked["id"]][0] == "done"  # closed once Knack said SENT
+    assert statuses(knack)[after["id"]] == SENT
