@@ -4,6 +4,7 @@
     python send_esb_message.py APP_NAME [--dry-run] [--max-runtime SECONDS] [--workers N] [--log-format text|json]
                                [--progress]
     python send_esb_message.py APP_NAME --report
+    python send_esb_message.py APP_NAME --resend RECORD_ID[,RECORD_ID...]
     python send_esb_message.py APP_NAME --check
     python send_esb_message.py --version
 
@@ -30,6 +31,7 @@ from knack311.healthcheck import healthcheck_url  # noqa: E402
 from knack311.journal_report import report  # noqa: E402
 from knack311.logs import LOG_FORMATS, log_format_setting, progress_setting  # noqa: E402
 from knack311.metrics import metrics_path  # noqa: E402
+from knack311.resend import record_ids, resend  # noqa: E402
 from knack311.run import EXIT_CONFIG, Reporting, run  # noqa: E402
 from knack311.settings import (  # noqa: E402
     DEFAULT_MAX_RUNTIME,
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="print what the delivery journal knows (deliveries not yet marked SENT or in doubt, "
                            "records that keep failing, the last runs); contacts neither Knack nor the ESB and "
                            "needs only STATE_DIR")
+    mode.add_argument("--resend", action="append", metavar="RECORD_ID",
+                      help="release a parked record (posted twice without an answer from the ESB) so that the next "
+                           "run posts it once more; repeatable or comma-separated. First ask the ESB team whether "
+                           "311 has it: if it has, set the record SENT in Knack instead. Needs only STATE_DIR")
     mode.add_argument("--check", action="store_true",
                       help="pre-flight: check the environment, config.py against the Knack app, the certificates, a "
                            "TLS handshake with the ESB, STATE_DIR, the daily Knack calls left and the records "
@@ -102,11 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             from config import CONFIG
         except Exception as exc:  # a broken config.py is a configuration error, not a crash
             raise ConfigError(f"config.py cannot be loaded: {type(exc).__name__}: {exc}") from None
-        if args.report:
+        if args.report or args.resend:
             app = load_app(args.app_name, CONFIG)
             # the same STATE_DIR rule as load_settings, without asking for the Knack and ESB settings
             state_dir = os.environ.get("STATE_DIR", "").strip()
-            return report(app.name, Path(state_dir).expanduser().absolute() if state_dir else PROJECT_ROOT / "state")
+            state = Path(state_dir).expanduser().absolute() if state_dir else PROJECT_ROOT / "state"
+            if args.resend:
+                return resend(app.name, state, record_ids(args.resend))
+            return report(app.name, state)
         env = dict(os.environ)
         if args.check:
             return check_command(args.app_name, env, CONFIG,

@@ -12,13 +12,14 @@ import datetime as dt
 import enum
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
 from .errors import OutageError, RecordError
 from .esb import ESBClient, ESBUncertain, ESBUnreachable
-from .journal import DELIVERED, DONE, SENDING, Journal, JournalError, message_hash
+from .in_doubt import must_park, parked_reason, repost_wait
+from .journal import DELIVERED, DONE, PARKED, SENDING, Journal, JournalError, message_hash
 from .knack import DO_NOT_SEND, SENT, KnackClient
 from .message import Activity, NotFor311, message_values, render_message
 from .outcomes import DO_NOT_SEND as DO_NOT_SEND_EVENT
@@ -51,6 +52,17 @@ class Result:
     esb_lasting: bool = False  # ... and will stay so in this run (TLS trust)
     status: str = ""           # UNMARKED: the Knack status still to set
     esb_has_it: bool = False   # the ESB accepted this message (now or in an earlier run)
+    parked: bool = False       # posted a second time without an answer: parked (not posted again)
+    answered_in: float | None = None  # seconds the ESB took to accept it
+
+
+class Prior(enum.Enum):
+    """What the journal says of a record before this run delivers it."""
+
+    NEW = "new"              # nothing pending: a first POST
+    DELIVERED = "delivered"  # the ESB accepted this very message: only the Knack update is left
+    IN_DOUBT = "in doubt"    # posted, no answer: posted again alone, waiting longer
+    PARKED = "parked"        # posted twice without an answer: not posted until a person decides
 
 
 def when(timestamp: float) -> str:
@@ -61,29 +73,43 @@ Emit = Callable[..., None]  # outcomes.Readers.emit
 
 
 class ESBSlots:
-    """At most `size` ESB POSTs in flight at once, whatever the number of workers (ESB_MAX_IN_FLIGHT).
+    """At most `size` ESB POSTs in flight at once, whatever the number of workers (ESB_MAX_IN_FLIGHT); only one
+    after a POST got no answer, or an answer later than `in_time` (ESB_TIMEOUT), until an answer comes in time:
+    an ESB that is slow must not be handed more messages to leave in doubt.
 
     A worker waiting for a slot gives up once the run starts no new record (a stop signal, the time budget, or
-    `close()` on an outage): a POST that has not begun must not begin then.
+    `close()` on an outage): a POST that has not begun must not begin then. `take`, `give_back` and `close` are
+    all the run uses, so a limiter that adapts the number to the ESB's latency can take this class's place.
     """
 
-    def __init__(self, size: int, stop: Stop):
-        self._slots = threading.BoundedSemaphore(size)
+    def __init__(self, size: int, stop: Stop, in_time: float = float("inf")):
+        self._size = self.limit = size
+        self._in_time = in_time
+        self._in_flight = 0
+        self._changed = threading.Condition()
         self._stop = stop
         self._closed = threading.Event()
 
     def take(self) -> bool:
         """Wait for a slot; False (and no slot) when the run stopped starting records meanwhile."""
-        while not self._closed.is_set() and self._stop.work_time_left():
-            if self._slots.acquire(timeout=POLL):
-                if self._closed.is_set() or not self._stop.work_time_left():
-                    self._slots.release()
-                    return False
-                return True
+        with self._changed:
+            while not self._closed.is_set() and self._stop.work_time_left():
+                if self._in_flight < self.limit:
+                    self._in_flight += 1
+                    return True
+                self._changed.wait(POLL)
         return False
 
-    def give_back(self) -> None:
-        self._slots.release()
+    def give_back(self, answered_in: float | None = None, *, no_answer: bool = False) -> None:
+        """The POST is over: `answered_in` seconds after it began an answer came, or `no_answer` (it may have the
+        message); neither when the POST never reached the ESB or a stop signal cut it short."""
+        with self._changed:
+            self._in_flight -= 1
+            if no_answer or (answered_in is not None and answered_in > self._in_time):
+                self.limit = 1
+            elif answered_in is not None:
+                self.limit = self._size
+            self._changed.notify_all()
 
     def close(self) -> None:
         """No new POST from now on (the run is stopping)."""
@@ -126,11 +152,19 @@ class RecordSender:
         return (f": add {activity.activity_name!r} to activity_codes of {app.name!r} in config.py, mapped to its "
                 "311 code (or to None if 311 does not want it)")
 
-    def unchanged_delivery(self, activity: Activity, body: bytes | None) -> bool:
-        """The ESB accepted this very message in an earlier run (only the Knack update is missing)."""
+    def prior(self, activity: Activity, body: bytes | None) -> tuple[Prior, str]:
+        """What the journal says of this record's message, and for a parked one the reason to report. A message
+        in doubt posted as often as a person must allow is parked now (a run killed during its second POST)."""
         entry = self.journal.get(activity.record_id) if self.journal is not None and body is not None else None
-        return (entry is not None and entry.state == DELIVERED
-                and entry.message_hash in ("", message_hash(body)))  # type: ignore[arg-type]
+        if entry is None:
+            return Prior.NEW, ""
+        if entry.state == DELIVERED and entry.message_hash in ("", message_hash(body)):  # type: ignore[arg-type]
+            return Prior.DELIVERED, ""
+        if entry.state == SENDING and must_park(entry.posts):
+            self.journal.park(entry.record_id, entry.note)  # type: ignore[union-attr]
+        elif entry.state != PARKED:
+            return (Prior.IN_DOUBT if entry.state == SENDING else Prior.NEW), ""
+        return Prior.PARKED, parked_reason(entry.record_id, entry.emi or activity.emi_id, entry.posts, entry.note)
 
     def dry_run(self, activity: Activity, body: bytes | None) -> Result:
         if body is None:
@@ -153,42 +187,61 @@ class RecordSender:
             self.emit("already_delivered", "ESB already accepted this message in an earlier run: setting SENT "
                       "without resending", record=activity)
             return self.mark(activity, SENT, esb_has_it=True)
+        if entry is not None and entry.state == PARKED:  # the loop holds parked records; never post one
+            return Result(Outcome.FAILED, parked_reason(record_id, entry.emi, entry.posts, entry.note))
+        in_doubt = entry if entry is not None and entry.state == SENDING else None
+        if in_doubt is not None and must_park(in_doubt.posts):  # the loop parks these; never post a third time
+            self.journal.park(record_id, in_doubt.note)
+            return Result(Outcome.FAILED, parked_reason(record_id, in_doubt.emi, in_doubt.posts, in_doubt.note))
+        # a message in doubt waits longer than a first POST: an ESB that is slow but working answers it
+        wait = repost_wait(self.settings.esb_timeout, self.stop.remaining()) if in_doubt else None
         if self.esb_slots is not None and not self.esb_slots.take():
             return Result(Outcome.NOT_STARTED)
+        answered_in, no_answer = None, False
         try:
             if entry is not None and entry.state == DELIVERED:
                 self.emit("corrected_resend", f"the record changed since the ESB accepted its message "
                           f"({when(entry.updated)}): sending the corrected message", record=activity)
-            elif entry is not None and entry.state == SENDING:
-                if entry.note:
-                    why = f"the answer to an earlier post never came ({entry.note}; {when(entry.updated)})"
+            elif in_doubt is not None:
+                if in_doubt.note:
+                    why = f"the answer to an earlier post never came ({in_doubt.note}; {when(in_doubt.updated)})"
                 else:
-                    why = f"an earlier run died while posting this message ({when(entry.updated)})"
-                self.emit("resend_in_doubt", f"{why}: sending again, 311 may receive it twice", level=WARNING,
-                          record=activity)
-            self.journal.set(record_id, SENDING, activity.emi_id, digest)
+                    why = f"an earlier run died while posting this message ({when(in_doubt.updated)})"
+                self.emit("resend_in_doubt", f"{why}: sending again (waiting up to {wait:.0f}s for the answer), "
+                          "311 may receive it twice", level=WARNING, record=activity)
+            posts = self.journal.posting(record_id, activity.emi_id, digest)
 
             def before_try(number: int, tries: int, previous: str) -> None:
                 # still `sending`: should the run die during this try, the next run warns, and says which try
                 self.journal.set(record_id, SENDING, note=f"try {number} of {tries}, after: {previous}")
 
-            delivery = self.esb.deliver(body, before_try)
+            delivery = self.esb.deliver(body, before_try, timeout=wait)
+            answered_in = delivery.seconds
         except RecordError as exc:
             self.journal.forget(record_id)  # rejected: the ESB does not have it
             return Result(Outcome.FAILED, f"{exc}: fix what the ESB names, then the next run sends it again")
         except ESBUncertain as exc:
             # stays "sending": the outcome is unknown; the note tells the next run why
             # the signal is the reason only when it cut this POST short, not when it merely came meanwhile
+            no_answer = not exc.by_signal
             note = (f"this run was stopped by {self.stop.signal_name} before the ESB answered"
                     if exc.by_signal else str(exc))
+            if must_park(posts):
+                self.journal.park(record_id, note)
+                return Result(Outcome.FAILED, parked_reason(record_id, activity.emi_id, posts, note),
+                              esb=ESBTrouble.NO_ANSWER, parked=True)
             self.journal.set(record_id, SENDING, note=note)
             return Result(Outcome.FAILED, str(exc), esb=ESBTrouble.NO_ANSWER)
         except ESBUnreachable as exc:
-            self.journal.forget(record_id)  # never reached the ESB
+            if in_doubt is not None:
+                self.journal.restore(in_doubt)  # never reached the ESB: the doubt of the earlier POSTs stands
+            else:
+                self.journal.forget(record_id)  # never reached the ESB
             return Result(Outcome.FAILED, str(exc), esb=ESBTrouble.UNREACHABLE, esb_lasting=exc.lasting)
         finally:
             if self.esb_slots is not None:
-                self.esb_slots.give_back()  # the POST is over; the Knack update does not hold an ESB slot
+                # the POST is over; the Knack update does not hold an ESB slot
+                self.esb_slots.give_back(answered_in, no_answer=no_answer)
         accepted = f"delivered to ESB (HTTP {delivery.status}, attempt {delivery.attempts})"
         try:
             self.journal.set(record_id, DELIVERED)
@@ -196,9 +249,9 @@ class RecordSender:
             # The ESB has it: Knack must say so, or the next run sends it again. The run stops after this record.
             self.emit("delivered", f"{accepted}: the ESB accepted this message, but the journal cannot record it "
                       f"({exc}); setting {SENT} in Knack so that it is not sent again", level=ERROR, record=activity)
-            return self.mark(activity, SENT, esb_has_it=True)
-        self.emit("delivered", accepted, record=activity)
-        return self.mark(activity, SENT, esb_has_it=True)
+        else:
+            self.emit("delivered", accepted, record=activity)
+        return replace(self.mark(activity, SENT, esb_has_it=True), answered_in=answered_in)
 
     def mark(self, activity: Activity, status: str, why: str = "", *, esb_has_it: bool = False) -> Result:
         """Set the Knack status; for SENT, close the journal entry."""

@@ -3,7 +3,8 @@
 `SendLoop` runs in the main thread. It checks and renders each record as its page arrives (`_plan`), hands the
 records `schedule.Scheduler` frees to a pool of workers (each runs `delivery.RecordSender` for one record), and
 owns the counts, the holds, the stop rules (an outage, the journal, the time budget, a signal, the daily Knack
-budget) and each record's failure history. The workers only deliver and hand back a `delivery.Result`.
+budget) and each record's failure history. The workers only deliver and hand back a `delivery.Result`. Messages
+left in doubt by an earlier run go first and alone (in_doubt.py).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from .delivery import ESBSlots, ESBTrouble, Outcome, RecordSender, Result, when
+from .delivery import ESBSlots, ESBTrouble, Outcome, Prior, RecordSender, Result, when
 from .errors import OutageError, RecordError
 from .fields import activity_from_record, format_value
-from .journal import Journal, JournalError
+from .in_doubt import Doubt
+from .journal import SENDING, Journal, JournalError
 from .knack import READY_TO_SEND, SENT, KnackClient
 from .listing import Listing
 from .message import Activity
@@ -55,6 +57,7 @@ class _Planned:
     for_311: bool       # False: 311 does not want the activity (set DO_NOT_SEND)
     position: int       # in 311's order over the whole run: among the records free to start, the earliest goes first
     body: bytes | None = None  # kept for a dry run only: a delivery renders its message again when it starts
+    in_doubt: bool = False  # posted in an earlier run without an answer: posted again alone, before anything new
 
 
 class _InPlace:
@@ -98,6 +101,7 @@ class SendLoop:
         self.esb_slots = esb_slots
         self.unmarked: list[tuple[Activity, Result]] = []
         self.unreachable_streak = self.no_answer_streak = self.knack_down_streak = 0
+        self.doubt = Doubt(settings.esb_timeout)
 
     def run(self, listing: Listing, planned: Callable[[int], None] = lambda total: None) -> None:
         """Deliver the ready records as the listing reads them, page by page."""
@@ -105,6 +109,7 @@ class SendLoop:
         scheduler = Scheduler()
         self._leave(self._deliver(scheduler))
         self._retry_unmarked()
+        self._tell_doubt()
 
     def use_formatting(self, field_types: dict[str, str], tz: ZoneInfo) -> None:
         """The field types and the app's zone records are read with, from fresh metadata (run.py hands them over
@@ -207,17 +212,23 @@ class SendLoop:
             scheduler.add(record_id, activity.sr_number, key, failed=True)
             return
         try:
-            delivered = not self.settings.dry_run and self.sender.unchanged_delivery(activity, body)
+            prior, parked = (Prior.NEW, "") if self.settings.dry_run else self.sender.prior(activity, body)
         except JournalError:
-            delivered = False  # nothing starts: the loop stops on journal.failure
-        planned = _Planned(activity, body is not None, position, body if self.settings.dry_run else None)
-        scheduler.add(record_id, activity.sr_number, key, planned, already_delivered=delivered)
+            prior = Prior.NEW  # nothing starts: the loop stops on journal.failure
+        if prior is Prior.PARKED:  # a person decides; it holds its SR's later activities meanwhile
+            self._fail(parked, record_id, activity.sr_number, activity)
+            scheduler.add(record_id, activity.sr_number, key, failed=True)
+            return
+        planned = _Planned(activity, body is not None, position, body if self.settings.dry_run else None,
+                           in_doubt=prior is Prior.IN_DOUBT)
+        scheduler.add(record_id, activity.sr_number, key, planned, already_delivered=prior is Prior.DELIVERED)
 
     def _deliver(self, scheduler: Scheduler) -> int:
         """Start what the scheduler allows, at most `workers` at once, until done or stopping; returns the number
         of records that were not started."""
         pool = _InPlace() if self.settings.dry_run else ThreadPoolExecutor(self.workers, "knack311-deliver")
-        startable: list[tuple[Any, int, ScheduledRecord]] = []  # handed out by the scheduler, waiting for a worker
+        # handed out by the scheduler, waiting for a worker: messages in doubt first, then 311's order
+        startable: list[tuple[bool, Any, int, ScheduledRecord]] = []
         in_flight: dict[Future, ScheduledRecord] = {}
         not_started = 0
         told = abandoned = False
@@ -227,10 +238,11 @@ class SendLoop:
                     self._read(scheduler, settled=not in_flight)
                 if not self._stopping():
                     for record in scheduler.ready():
-                        heapq.heappush(startable, (record.order_key, record.payload.position, record))
+                        heapq.heappush(startable, (not record.payload.in_doubt, record.order_key,
+                                                   record.payload.position, record))
                     self._held(scheduler.take_held())
-                    while startable and len(in_flight) < self.workers and self._may_start(len(in_flight)):
-                        record = heapq.heappop(startable)[2]
+                    while startable and self._next_may_go(startable[0][-1], in_flight):
+                        record = heapq.heappop(startable)[-1]
                         in_flight[pool.submit(self._one, record.payload)] = record
                 elif in_flight and self.stop.stopped:
                     if not told:
@@ -264,6 +276,13 @@ class SendLoop:
             pool.shutdown(wait=not abandoned, cancel_futures=True)
         return scheduler.waiting + len(startable) + not_started
 
+    def _next_may_go(self, record: ScheduledRecord, in_flight: dict) -> bool:
+        """A worker is free, messages in doubt go alone and first (in_doubt.Doubt), the daily budget allows it."""
+        return (len(in_flight) < self.workers
+                and self.doubt.may_start(record.payload.in_doubt, len(in_flight),
+                                         any(r.payload.in_doubt for r in in_flight.values()), self.stop.remaining())
+                and self._may_start(len(in_flight)))
+
     def _one(self, planned: _Planned) -> Result:
         """One record, in a worker thread (it touches no count: the main thread reads the Result)."""
         if not self.stop.work_time_left():
@@ -283,7 +302,8 @@ class SendLoop:
         summary = self.summary
         if self.journal is not None and self.journal.failure and not summary.stop_reason and not self.stop.stopped:
             summary.stop_reason = self.journal.failure
-        stopping = self.stop.stopped or bool(summary.stop_reason) or not self.stop.work_time_left()
+        stopping = (self.stop.stopped or bool(summary.stop_reason) or not self.stop.work_time_left()
+                    or self.doubt.out_of_time)
         if stopping and self.esb_slots is not None:
             self.esb_slots.close()  # a worker waiting for an ESB slot gives up rather than post
         return stopping
@@ -297,12 +317,14 @@ class SendLoop:
             summary.not_attempted += left
             self.emit("stopping", f"{self.stop.signal_name} received: {left} record(s) left for the next run",
                       level=WARNING)
-        elif summary.stop_reason or self.stop.work_time_left():
+        elif summary.stop_reason or (self.stop.work_time_left() and not self.doubt.out_of_time):
             summary.not_attempted += left
         else:
             summary.deferred += left
-            self.emit("deferred", f"time budget of {self.settings.max_runtime:g}s used: {left} record(s) deferred "
-                      "to the next run")
+            used = (f"too little of the time budget of {self.settings.max_runtime:g}s left to wait for the answer to "
+                    "a message in doubt" if self.stop.work_time_left() else
+                    f"time budget of {self.settings.max_runtime:g}s used")
+            self.emit("deferred", f"{used}: {left} record(s) deferred to the next run")
 
     def _abandon(self, records) -> None:
         """Records still in flight when the process must end: their journal entries (`sending` or `delivered`)
@@ -335,6 +357,7 @@ class SendLoop:
             self.emit("unmarked", f"{result.reason}; will retry before the run ends", level=WARNING, record=activity)
         else:
             self._fail(result.reason, activity.record_id, activity.sr_number, activity)
+        self.doubt.answered(result.answered_in)
 
         # Each streak counts what its stop line says: "cannot be reached" only failures where the request never
         # reached the ESB, "not answering" only those whose outcome is unknown.
@@ -349,11 +372,24 @@ class SendLoop:
             summary.stop_reason = "the ESB cannot be reached"
         elif self.unreachable_streak >= ESB_OUTAGE_AFTER:
             summary.stop_reason = f"the ESB cannot be reached ({self.unreachable_streak} records in a row)"
-        elif self.no_answer_streak >= ESB_OUTAGE_AFTER:
-            summary.stop_reason = (f"the ESB is not answering ({self.no_answer_streak} records in a row whose "
-                                   "outcome is unknown; the next run sends them again with a warning)")
+        elif result.parked or self.no_answer_streak >= ESB_OUTAGE_AFTER:
+            # while a message posted again goes unanswered, nothing new starts either
+            summary.stop_reason = self.doubt.not_answering(parked=result.parked, in_a_row=self.no_answer_streak)
         elif self.knack_down_streak >= KNACK_OUTAGE_AFTER:
             summary.stop_reason = f"Knack status updates keep failing ({self.knack_down_streak} in a row)"
+
+    def _tell_doubt(self) -> None:
+        """Once the run's POSTs are over: the stop line of an ESB not answering counts what the journal holds in
+        doubt, and answers that came after ESB_TIMEOUT get their one WARNING."""
+        warning = self.doubt.warning()
+        if warning:
+            self.emit("esb_slow", warning, level=WARNING)
+        if self.doubt.silence and self.journal is not None:
+            try:
+                in_doubt = self.journal.counts().get(SENDING, 0)
+            except JournalError:
+                return  # the stop line keeps its cause; --report tells what is in doubt
+            self.summary.stop_reason = self.doubt.stop_line(self.summary.stop_reason, in_doubt)
 
     def _retry_unmarked(self) -> None:
         """One more try for the status updates that failed: the ESB has these messages, so they are not resent.

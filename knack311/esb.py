@@ -88,6 +88,7 @@ BeforeTry = Callable[[int, int, str], None]  # (this try's number, tries in all,
 class Delivery:
     status: int
     attempts: int
+    seconds: float = 0.0  # how long the accepted POST waited for its answer
 
 
 # ----- TLS ----------------------------------------------------------------------------------------------------------
@@ -371,12 +372,14 @@ class ESBClient:
     def close(self) -> None:
         self._session.close()
 
-    def deliver(self, body: bytes, before_try: BeforeTry | None = None) -> Delivery:
+    def deliver(self, body: bytes, before_try: BeforeTry | None = None, *, timeout: float | None = None) -> Delivery:
         """POST one message: return on acceptance; raise RecordError on rejection, ESBUncertain when the outcome
         is unknown, ESBUnreachable when the ESB certainly did not take it.
 
         `before_try(number, tries, previous)` is called before every try after the first (`previous`: what the
         last answer said), so the journal can say which try was under way should the run die during it.
+        `timeout`: how long each POST waits for its answer, ESB_TIMEOUT unless given (a message in doubt is posted
+        again with a longer wait).
         """
         retry = with_stop(Retry(total=self._attempts - 1, status=self._attempts - 1, backoff_factor=self._backoff,
                                 allowed_methods=None, raise_on_status=False), self._stop)
@@ -386,8 +389,9 @@ class ESBClient:
             attempts += 1
             if attempts > 1 and before_try is not None:
                 before_try(attempts, self._attempts, line)
+            began = time.monotonic()
             try:
-                reply = self._post(body)
+                reply = self._post(body, timeout or self._timeout)
             except ESBUncertain:
                 raise
             except ESBUnreachable as exc:
@@ -397,7 +401,7 @@ class ESBClient:
             verdict, line = judge(reply.status, reply.reason, reply.body, too_large=reply.too_large,
                                   charset=reply.charset, location=reply.location)
             if verdict is Verdict.ACCEPTED:
-                return Delivery(status=reply.status, attempts=attempts)
+                return Delivery(status=reply.status, attempts=attempts, seconds=time.monotonic() - began)
             if verdict is Verdict.UNKNOWN:
                 raise ESBUncertain(line)
             if may_have_it and verdict in (Verdict.REJECTED, Verdict.MISDIRECTED):
@@ -426,13 +430,13 @@ class ESBClient:
             return ESBUncertain(f"{line}, did not take the message ({why}); {may_have_it}")
         return ESBUnreachable(f"{line}, did not take the message ({why})")
 
-    def _post(self, body: bytes) -> _Reply:
+    def _post(self, body: bytes, timeout: float) -> _Reply:
         gate = _WriteGate()
 
         def post() -> _Reply:
             _current.gate = gate
             try:
-                reply = self._session.post(self._endpoint, data=body, timeout=self._socket_timeouts,
+                reply = self._session.post(self._endpoint, data=body, timeout=(self._socket_timeouts[0], timeout),
                                            allow_redirects=False, stream=True)
                 try:
                     content, too_large = read_capped(reply, ANSWER_LIMIT), False
@@ -445,7 +449,7 @@ class ESBClient:
                 _current.gate = None
 
         try:
-            reply = self._stop.call(post, timeout=self._timeout, what="ESB POST", write=True)
+            reply = self._stop.call(post, timeout=timeout, what="ESB POST", write=True)
         except CutShort as exc:
             if gate.close():
                 cause = "a stop signal came" if exc.by_signal else f"no complete answer within {exc.waited:.0f}s"

@@ -3,7 +3,9 @@
 A record's delivery goes `sending` (committed before the POST) -> `delivered` (the ESB accepted it) -> `done`
 (Knack says SENT). After a crash the state says what the next run must do: `sending` -> the outcome is unknown,
 send again with a "duplicate possible" warning; `delivered` -> only the Knack update is missing, set SENT
-without resending (unless the record changed since: then the corrected message goes).
+without resending (unless the record changed since: then the corrected message goes). `posts` counts the POSTs
+of a message in doubt, each committed before its POST; one whose second POST got no answer either is `parked`:
+never posted again until a person releases it (--resend), so a slow ESB never gets a flood of copies.
 
 Besides the deliveries, the journal keeps what an operator needs to know later (`--report`): the records that
 keep failing (since when, in how many runs, why) and the last runs (start, end, counts, exit code).
@@ -25,7 +27,7 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -205,6 +207,43 @@ class Journal:
         """Drop a 'sending' entry whose POST certainly never reached the ESB (the connection was refused)."""
         self._execute("DELETE FROM deliveries WHERE record_id = ? AND state = ?", (record_id, SENDING))
 
+    def posting(self, record_id: str, emi: str, message_hash: str) -> int:
+        """The record goes `sending` and its POST is counted, committed before the POST (a kill mid-POST counts);
+        returns the POSTs of this message in doubt, this one included. An entry already in doubt adds one (one
+        from a version that did not count them counts as one); any other starts at one."""
+        with self._lock:  # the count read back is this write's
+            self._execute(
+                """INSERT INTO deliveries (record_id, state, emi, message_hash, updated, note, posts)
+                   VALUES (?, ?, ?, ?, ?, '', 1)
+                   ON CONFLICT(record_id) DO UPDATE SET
+                     posts = CASE WHEN state = excluded.state THEN MAX(posts, 1) + 1 ELSE 1 END,
+                     state = excluded.state,
+                     emi = CASE WHEN excluded.emi = '' THEN emi ELSE excluded.emi END,
+                     message_hash = CASE WHEN excluded.message_hash = '' THEN message_hash
+                                    ELSE excluded.message_hash END,
+                     updated = excluded.updated, note = ''""",
+                (record_id, SENDING, emi, message_hash, time.time()))
+            [(posts,)] = self._rows("SELECT posts FROM deliveries WHERE record_id = ?", (record_id,))
+        return int(posts)
+
+    def restore(self, entry: Entry) -> None:
+        """Put an entry back as it was: a POST that never reached the ESB changes nothing of a doubt it had."""
+        self._execute("INSERT OR REPLACE INTO deliveries (record_id, state, emi, message_hash, updated, note, posts, "
+                      "checked) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                      (entry.record_id, entry.state, entry.emi, entry.message_hash, entry.updated, entry.note,
+                       entry.posts, entry.checked))
+
+    def park(self, record_id: str, note: str) -> None:
+        """A message in doubt that is not posted again until a person releases it (`release`); keeps its posts."""
+        self._execute("UPDATE deliveries SET state = ?, note = ?, updated = ? WHERE record_id = ?",
+                      (PARKED, note, time.time(), record_id))
+
+    def release(self, record_id: str, note: str) -> None:
+        """A person's say (--resend): the entry is in doubt with one POST counted, so the next run posts it once
+        more and parks it again if that POST gets no answer either."""
+        self._execute("UPDATE deliveries SET state = ?, posts = 1, note = ?, updated = ? WHERE record_id = ? "
+                      "AND state IN (?, ?)", (SENDING, note, time.time(), record_id, PARKED, SENDING))
+
     def unfinished_except(self, ready_ids: set[str], checked_before: float | None = None) -> list[Entry]:
         """`delivered`, `sending` and `parked` entries whose record Knack no longer lists as ready to send, and that
         no run asked Knack about since `checked_before` (None: whenever asked): never asked first, then the
@@ -363,6 +402,7 @@ class JournalReport:
     sending: list[Entry]     # the delivery is in doubt
     failures: list[Failure]
     runs: list[RunRow]       # newest first
+    parked: list[Entry] = field(default_factory=list)  # posted twice without an answer: a person decides
 
 
 def read_report(path: Path, last_runs: int = 10) -> JournalReport | None:
@@ -389,8 +429,8 @@ def read_report(path: Path, last_runs: int = 10) -> JournalReport | None:
         if not found:
             return JournalReport(version, [], [], [], [])
         entries = [Entry(*row) for row in db.execute(
-            f"SELECT record_id, state, emi, message_hash, updated, {extra} FROM deliveries WHERE state IN (?, ?) "
-            "ORDER BY updated", (DELIVERED, SENDING))]
+            f"SELECT record_id, state, emi, message_hash, updated, {extra} FROM deliveries WHERE state IN (?, ?, ?) "
+            "ORDER BY updated", (DELIVERED, SENDING, PARKED))]
         failures: list[Failure] = []
         runs: list[RunRow] = []
         if version >= 1:
@@ -402,7 +442,8 @@ def read_report(path: Path, last_runs: int = 10) -> JournalReport | None:
                 counts = dict(zip(RUN_COUNTS, row[3:3 + len(RUN_COUNTS)], strict=True))
                 runs.append(RunRow(row[0], row[1], row[2], counts, row[-2], row[-1] or ""))
         return JournalReport(version, [e for e in entries if e.state == DELIVERED],
-                             [e for e in entries if e.state == SENDING], failures, runs)
+                             [e for e in entries if e.state == SENDING], failures, runs,
+                             [e for e in entries if e.state == PARKED])
     except sqlite3.Error as exc:
         raise ConfigError(f"delivery journal {path} cannot be read ({exc})") from None
     finally:

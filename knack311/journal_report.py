@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TextIO
 
 from .delivery import when
-from .journal import RECHECK_AFTER, SENDING, Entry, journal_path, read_report
+from .in_doubt import posts_so_far
+from .journal import PARKED, RECHECK_AFTER, SENDING, Entry, journal_path, read_report
 from .knack import READY_TO_SEND, SENT
 from .logs import printable
 from .outcomes import COUNT_NAMES, EXIT_OK
@@ -48,12 +49,19 @@ def report(app_name: str, state_dir: Path, out: TextIO = sys.stdout, last_runs: 
         say(f"  {record_label(entry.record_id, sr_of.get(entry.record_id))} accepted {when(entry.updated)}"
             f" (EMI message {entry.emi or '-'}){_asked(entry)}")
     say(f"delivery in doubt ({SENDING}): {len(found.sending) or 'none'}"
-        + (f" (each: posted again when a run lists the record as ready, and 311 may receive it twice; {settled})"
-           if found.sending else ""))
+        + (" (each: posted again, alone and waiting longer, when a run lists the record as ready, and 311 may "
+           f"receive it twice; {settled})" if found.sending else ""))
     for entry in found.sending:
         why = entry.note or "a run died while posting it"
-        say(f"  {record_label(entry.record_id, sr_of.get(entry.record_id))} since {when(entry.updated)}: {why}"
-            f" (EMI message {entry.emi or '-'}){_asked(entry)}")
+        say(f"  {record_label(entry.record_id, sr_of.get(entry.record_id))} posts={posts_so_far(entry.posts)} since "
+            f"{when(entry.updated)}: {why} (EMI message {entry.emi or '-'}){_asked(entry)}")
+    say(f"{PARKED} (posted twice without an answer; no run posts them again): {len(found.parked) or 'none'}"
+        + (" (ask the ESB team whether 311 has each: if it has, set the record SENT in Knack; if not, "
+           f"--resend RECORD_ID; {settled})" if found.parked else ""))
+    for entry in found.parked:
+        say(f"  {record_label(entry.record_id, sr_of.get(entry.record_id))} posts={posts_so_far(entry.posts)} parked "
+            f"{when(entry.updated)}: {entry.note or 'a run died while posting it'} (EMI message {entry.emi or '-'})"
+            f"{_asked(entry)}")
     say(f"records that keep failing: {len(found.failures) or 'none'}")
     for failure in found.failures:
         say(f"  {record_label(failure.record_id, failure.sr_number)} failing since {when(failure.first_failed)}"

@@ -196,7 +196,7 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
 
     listing = Listing(fetch, key=lambda r: order_key(r, app.fields["atd_activity_id"]),
                       log=lambda line: _knack_said(emit, line), sequential=settings.dry_run, view=app.view)
-    slots = ESBSlots(settings.esb_in_flight, stop) if esb is not None else None
+    slots = ESBSlots(settings.esb_in_flight, stop, in_time=settings.esb_timeout) if esb is not None else None
     # (until fetch supplies them, no field types and no zone: nothing can be read into a message)
     field_types, tz = formatting if formatting is not None else ({}, None)
     sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_slots=slots)
