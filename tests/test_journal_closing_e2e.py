@@ -188,9 +188,9 @@ def test_the_report_promises_no_resend_of_entries_the_next_run_closes(knack, esb
     assert delivered.endswith(": 1 (each: set SENT without posting it again when a run lists the record as ready; "
                               "closed once Knack shows the record in a state other than READY_TO_SEND, or deleted)")
     [doubt] = [line for line in before.splitlines() if line.startswith("delivery in doubt")]
-    assert doubt.endswith(": 2 (each: posted again when a run lists the record as ready, and 311 may receive it "
-                          "twice; closed once Knack shows the record in a state other than READY_TO_SEND, or "
-                          "deleted)")
+    assert doubt.endswith(": 2 (each: posted again, alone and waiting longer, when a run lists the record as ready, "
+                          "and 311 may receive it twice; closed once Knack shows the record in a state other than "
+                          "READY_TO_SEND, or deleted)")
     [asked] = lines_naming(before, records[2]["id"])
     assert "Knack showed it READY_TO_SEND on" in asked and "asked again after" in asked
     assert "asked again" not in "".join(lines_naming(before, records[0]["id"]))

@@ -594,7 +594,7 @@ class FakeESB:
         self.stop = None
         self.posted: list[str] = []
 
-    def deliver(self, body: bytes, before_try=None) -> Delivery:
+    def deliver(self, body: bytes, before_try=None, *, timeout=None) -> Delivery:
         self.posted.append(parse_message(body)["id"])
         if len(self.posted) == self.cut:
             self.stop.request("SIGTERM")
