@@ -21,6 +21,7 @@ from .errors import ConfigError, OutageError
 from .esb import ESBClient
 from .fields import resolve_timezone
 from .healthcheck import Healthcheck
+from .intake import Intake
 from .journal import DONE, Journal, JournalError, RunLock, journal_path, prepare_state_dir
 from .knack import SENT, KnackClient, KnackHTTPError
 from .listing import Listing
@@ -188,14 +189,15 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
             if exc.status not in (400, 404) or not metadata.refresh():
                 raise
             read = read_page()
-        return read.records, read.total_pages, read.total_records
+        return intake.admit(read.records), read.total_pages, read.total_records
 
+    intake = Intake(app.fields)  # before the listing: nothing of the run sees a record intake has not cleaned
     listing = Listing(fetch, key=lambda r: order_key(r, app.fields["atd_activity_id"]),
                       log=lambda line: _knack_said(emit, line), sequential=settings.dry_run)
     slots = ESBSlots(settings.esb_in_flight, stop) if esb is not None else None
     sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_slots=slots)
     loop = SendLoop(settings, sender, journal, emit, summary, stop, run_id, schema.field_types, tz,
-                    esb_slots=slots, budget=knack)
+                    esb_slots=slots, budget=knack, intake=intake)
     loop.run(listing, readers.planned)
 
     if journal is not None and listing.complete and not stop.stopped:
