@@ -68,7 +68,7 @@ def add(knack):
 
 
 def summary(output: str) -> str:
-    lines = [line for line in output.splitlines() if " summary: " in line]
+    lines = [line for line in output.splitlines() if " summary: " in line or " summary (dry run): " in line]
     assert len(lines) == 1, output
     return lines[0]
 
@@ -240,3 +240,21 @@ def test_an_activity_text_over_1_mb_fails_as_bad_data_and_one_below_it_is_sent_w
     assert "activity_details is 15.0 MB (15,000,000 bytes of UTF-8)" in failed
     assert "at most 1 MB" in failed and "well-formed" not in failed
 
+
+
+# ----- the same records in a dry run --------------------------------------------------------------------------------
+
+def test_a_dry_run_reads_the_broken_records_the_same_way_and_sends_nothing(run_bridge, knack, esb, add):
+    broken = [add(emi_id=f"EMI-{HALF_AN_EMOJI}"), add(raw={"atd_activity_id": float("nan")}),
+              add(raw={"id": None}), add(activity_details="é" * 600_000)]
+    fine = add(activity_details=f"half {HALF_AN_EMOJI} emoji")
+
+    run = run_bridge("--dry-run")
+
+    orderly(run)
+    assert run.returncode == 1
+    assert esb.received == [] and [r for r in knack.request_log if r.method == "PUT"] == []
+    assert (count(run.stdout, "fetched"), count(run.stdout, "rendered"), count(run.stdout, "failed")) == (5, 1, 4)
+    assert "<activity_details>half  emoji</activity_details>" in run.stdout
+    assert len(lines_with(run.stdout, "FAILED")) == len(broken)
+    assert lines_with(run.stdout, fine["id"], "WARNING")
