@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from .admission import order_key, value_problem
 from .delivery import ESBSlots, ESBTrouble, Outcome, Prior, RecordSender, Result, when
 from .errors import OutageError, RecordError
 from .fields import activity_from_record, format_value
 from .in_doubt import Doubt
+from .intake import CLEAN, Intake
 from .journal import SENDING, Journal, JournalError
 from .knack import READY_TO_SEND, SENT, KnackClient
 from .listing import Listing
@@ -31,22 +33,11 @@ from .stopping import POLL, Stop
 
 ESB_OUTAGE_AFTER = 3    # records in a row that could not reach the ESB (or got no answer): stop, do not wait out each
 KNACK_OUTAGE_AFTER = 3  # status updates in a row that failed: Knack is down
-REQUIRED_VALUES = ("atd_activity_id", "emi_id", "sr_number")  # 311 cannot place a message without them
 WRAP_UP = 1.0  # seconds kept, after a stop signal, for the summary and the journal's run row
 
 
 def stop_reason(stop: Stop, outage: str) -> str:
     return f"received {stop.signal_name}" if stop.stopped else outage
-
-
-def order_key(record: dict, atd_field: str) -> tuple:
-    raw = record.get(f"{atd_field}_raw", record.get(atd_field))
-    text = str(raw).strip() if raw not in (None, "") else ""
-    try:
-        return (0, float(text), "")
-    except ValueError:
-        return (1, 0.0, text)
-
 
 
 @dataclass(frozen=True)
@@ -82,8 +73,9 @@ class SendLoop:
 
     def __init__(self, settings: Settings, sender: RecordSender, journal: Journal | None, emit, summary: Summary,
                  stop: Stop, run_id: int | None, field_types: dict[str, str], tz: ZoneInfo,
-                 esb_slots: ESBSlots | None = None, budget: KnackClient | None = None):
+                 esb_slots: ESBSlots | None = None, budget: KnackClient | None = None, intake: Intake | None = None):
         self.settings = settings
+        self.intake = intake  # what intake found in each record (cleaned text, an unusable id)
         self.budget = budget  # the Knack client: whether the app's daily calls allow another record
         self.skipped_ids: set[str] = set()
         self.low_water = 2 * settings.workers  # records waiting to start below which the next page is read
@@ -192,19 +184,29 @@ class SendLoop:
         app = self.settings.app
         record_id = str(record.get("id", ""))
         key = order_key(record, app.fields["atd_activity_id"])
+        note = self.intake.note(record_id) if self.intake is not None else CLEAN
+        activity: Activity | None = None
+        problem = ""
         try:
             activity = activity_from_record(record, app.fields, self.field_types, self.tz)
         except RecordError as exc:
-            sr = _field_text(record, app.fields["sr_number"], self.field_types, self.tz) or ""
-            self._fail(f"{exc}: correct the record in Knack", record_id, sr)
+            problem = f"{exc}: correct the record in Knack"
+        if note.unusable_id:
+            problem = (f"{note.unusable_id}: it is not sent, and its status cannot be set in Knack; find it by its "
+                       "activity id or SR number")
+        elif activity is not None:
+            problem = value_problem(activity, app.fields, note.cleaned, key)
+        if problem:
+            sr = activity.sr_number if activity is not None else (
+                _field_text(record, app.fields["sr_number"], self.field_types, self.tz) or "")
+            self._fail(problem, record_id, sr, activity)
             scheduler.add(record_id, sr, key, failed=True)
             return
-        blank = [f"{name} ({app.fields[name]})" for name in REQUIRED_VALUES if not getattr(activity, name)]
-        if blank:
-            self._fail(f"required value blank: {', '.join(blank)}: fill it in in Knack; the next run sends the "
-                       "record", record_id, activity.sr_number, activity)
-            scheduler.add(record_id, activity.sr_number, key, failed=True)
-            return
+        assert activity is not None
+        if note.cleaned:
+            cleaned = ", ".join(f"{name} ({app.fields[name]})" for name in note.cleaned)
+            self.emit("text_cleaned", f"{cleaned} held characters no encoding can write (half an emoji?); removed "
+                      "from the text 311 gets", level=WARNING, record=activity)
         try:
             body = self.sender.render(activity)
         except RecordError as exc:

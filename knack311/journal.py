@@ -109,6 +109,11 @@ class JournalError(OutageError):
     """The journal stopped accepting writes mid-run (disk full, file removed): nothing more may be sent."""
 
 
+class JournalValueError(JournalError):
+    """The journal cannot hold one record's values (text no encoding can write, a number SQLite cannot store):
+    that record fails, the journal itself is fine and the run goes on."""
+
+
 def message_hash(body: bytes) -> str:
     """What makes two messages the same for the journal: the text of every value element, not the timestamp.
 
@@ -171,8 +176,14 @@ class Journal:
         with self._lock:
             try:
                 return self._db.execute(sql, parameters)
+            except sqlite3.ProgrammingError as exc:
+                if str(exc).startswith("Error binding parameter"):  # a value of a type SQLite does not store
+                    raise self._value_error(exc) from None
+                raise self._failed(exc) from None
             except sqlite3.Error as exc:
                 raise self._failed(exc) from None
+            except (UnicodeError, ValueError, OverflowError, TypeError) as exc:
+                raise self._value_error(exc) from None
 
     def _rows(self, sql: str, parameters=()) -> list[tuple]:
         with self._lock:
@@ -181,6 +192,11 @@ class Journal:
                 return cursor.fetchall()
             except sqlite3.Error as exc:
                 raise self._failed(exc) from None
+
+    def _value_error(self, exc: Exception) -> JournalValueError:
+        # raised while binding a value, before SQLite ran the statement: nothing was written, the journal is fine
+        return JournalValueError(f"delivery journal {self.path} cannot hold this record's values "
+                                 f"({type(exc).__name__}: {exc})")
 
     def _failed(self, exc: sqlite3.Error) -> JournalError:
         message = f"delivery journal {self.path} cannot be written ({exc}); stopping before anything else is sent"

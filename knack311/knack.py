@@ -483,8 +483,8 @@ class KnackClient:
         total_pages = _count(data.get("total_pages"))
         if total_pages is None:
             raise self._outage(what, "total_pages is not a number")
-        records = [record for record in data["records"]
-                   if isinstance(record, dict) and isinstance(record.get("id"), str) and record["id"]]
+        # a record with an unusable id is kept: the run must count it and say it cannot be marked (intake.py)
+        records = [record for record in data["records"] if isinstance(record, dict)]
         return Page(records=records, total_pages=total_pages, total_records=_count(data.get("total_records")))
 
     def set_status(self, obj: str, record_id: str, status_field: str, status: str) -> None:
@@ -548,7 +548,7 @@ class AppSchema:
 class Page:
     """One page of a view's records as Knack answered it."""
 
-    records: list[dict]        # only records with an id (a non-empty text), in Knack's order
+    records: list[dict]        # every record (a JSON object) of the page, in Knack's order; ids are not checked here
     total_pages: int           # Knack's count for the whole filter (0 when nothing matches)
     total_records: int | None  # Knack's count, None when it is not a number
 

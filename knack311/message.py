@@ -27,6 +27,11 @@ MESSAGE_ELEMENTS = (
     "activity_details", "outcome_code", "activity_date",
 )
 
+# The most text one value of a message may hold, in bytes of UTF-8: far above any activity staff type (a long
+# note is a few kB), and a tenth of what lxml parses in one text node without huge_tree (10,000,000 bytes), so a
+# message never needs that switch, whatever the characters. A longer value is bad data, not a message to build.
+MAX_VALUE_BYTES = 1_000_000
+
 # XML 1.0 allows tab, newline, carriage return and everything from U+0020 except surrogates, U+FFFE and U+FFFF.
 _FORBIDDEN_IN_XML = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
@@ -83,7 +88,7 @@ def message_values(activity: Activity, activity_codes: dict[str, str | None]) ->
     The code is looked up here, before anything is rendered, so that an activity 311 does not want (NotFor311)
     or cannot take (RecordError) is known before the run journals or sends anything.
     """
-    return {
+    values = {
         "id": activity.record_id,
         "emi_id": activity.emi_id,
         "csr_activity_id": activity.csr_activity_id,
@@ -93,6 +98,18 @@ def message_values(activity: Activity, activity_codes: dict[str, str | None]) ->
         "activity_details": activity.activity_details,
         "activity_datetime": activity.activity_datetime,
     }
+    for name, value in values.items():
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_VALUE_BYTES:
+            raise RecordError(f"{name} is {size / 1e6:.1f} MB ({size:,} bytes of UTF-8); a 311 message takes at most "
+                              f"{MAX_VALUE_BYTES / 1e6:g} MB ({MAX_VALUE_BYTES:,} bytes) per value: shorten it in "
+                              "Knack")
+    return values
+
+
+def loses_characters_in_xml(text: str) -> bool:
+    """True when the message would carry `text` without some of its characters (those XML 1.0 forbids)."""
+    return _FORBIDDEN_IN_XML.search(text) is not None
 
 
 def xml_text(value: object) -> Markup:

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from .admission import order_key
 from .delivery import ESBSlots, RecordSender
-from .dispatch import SendLoop, order_key, stop_reason
+from .dispatch import SendLoop, stop_reason
 from .errors import ConfigError, OutageError
 from .esb import ESBClient
 from .healthcheck import Healthcheck
+from .intake import Intake
 from .journal import RECHECK_AFTER, Journal, JournalError, RunLock, journal_path, prepare_state_dir
 from .knack import DO_NOT_SEND, READY_TO_SEND, SENT, KnackClient, KnackHTTPError, RecordGone
 from .listing import Listing
@@ -187,13 +189,15 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
             if exc.status not in (400, 404) or not metadata.refresh():
                 raise
             read = read_page()
-        if read.records and formatting is None:
+        records = intake.admit(read.records)
+        if records and formatting is None:
             # before the first record is read into a message; nothing is in flight yet, so a ConfigError here
             # ends the run (exit 2) with nothing sent
             formatting = metadata.for_messages()
             loop.use_formatting(*formatting)
-        return read.records, read.total_pages, read.total_records
+        return records, read.total_pages, read.total_records
 
+    intake = Intake(app.fields)  # before the listing: nothing of the run sees a record intake has not cleaned
     listing = Listing(fetch, key=lambda r: order_key(r, app.fields["atd_activity_id"]),
                       log=lambda line: _knack_said(emit, line), sequential=settings.dry_run, view=app.view)
     slots = ESBSlots(settings.esb_in_flight, stop, in_time=settings.esb_timeout) if esb is not None else None
@@ -201,7 +205,7 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
     field_types, tz = formatting if formatting is not None else ({}, None)
     sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_slots=slots)
     loop = SendLoop(settings, sender, journal, emit, summary, stop, run_id, field_types, tz,
-                    esb_slots=slots, budget=knack)
+                    esb_slots=slots, budget=knack, intake=intake)
     loop.run(listing, readers.planned)
 
     if journal is not None and listing.complete and not stop.stopped:

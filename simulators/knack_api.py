@@ -32,10 +32,12 @@ the next matching requests.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import copy
 import hashlib
 import json
 import math
+import re
 import select
 import socket
 import sys
@@ -113,8 +115,14 @@ class _BadRequest(Exception):
 
 
 def _json_reply(status: int, payload: Any) -> _Reply:
-    # Knack sends UTF-8 JSON with non-ASCII characters as they are ("Jalapeños").
-    return _Reply(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+    # Knack sends UTF-8 JSON with non-ASCII characters as they are ("Jalapeños"); a lone UTF-16 surrogate (half an
+    # emoji) cannot be UTF-8, and JavaScript's JSON.stringify writes it as an escape, "\ud83d", as done here.
+    text = json.dumps(payload, ensure_ascii=False)
+    text = _LONE_SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+    return _Reply(status, text.encode("utf-8"))
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _error(status: int, message: str) -> _Reply:
@@ -376,6 +384,8 @@ class KnackSimulator:
             table = self._records.setdefault(object_key, {})
             for record in records:
                 record_id = record["id"]
+                if not isinstance(record_id, collections.abc.Hashable):  # a broken record (an id that is a list)
+                    record_id = json.dumps(record_id)
                 if record_id in table:
                     raise ValueError(f"record {record_id} already exists in {object_key}")
                 table[record_id] = copy.deepcopy(record)

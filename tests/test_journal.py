@@ -22,6 +22,8 @@ from knack311.journal import (
     SENDING,
     Entry,
     Journal,
+    JournalError,
+    JournalValueError,
     RunLock,
     message_hash,
     prepare_state_dir,
@@ -527,6 +529,27 @@ def test_failures_of_records_no_longer_ready_are_forgotten(journal):
         journal.record_failure(record_id, "", "why", run_id)
     journal.clear_failures_except({"still-failing", "other"})
     assert [f.record_id for f in journal.failures()] == ["still-failing"]
+
+
+# --- values the journal cannot hold: that record's failure, not the journal's -----------------------------------
+
+@pytest.mark.parametrize("write", [
+    lambda j: j.set("rec\ud83d", SENDING, "EMI-1", "hash"),             # half an emoji: UTF-8 refuses it
+    lambda j: j.set("rec1", SENDING, "EMI-\udc00", "hash"),
+    lambda j: j.record_failure("rec1", "20-\ud83d", "why", j.start_run()),
+    lambda j: j.record_failure("rec1", "20-1", "why", 2 ** 70),          # SQLite's integers end at 2**63
+    lambda j: j.set("rec1", SENDING, ["EMI-1"], "hash"),                 # a type SQLite does not store
+    lambda j: j.get("rec\ud800"),
+], ids=["record-id", "emi", "sr-number", "huge-number", "list", "read"])
+def test_a_value_the_journal_cannot_hold_fails_that_write_and_leaves_the_journal_working(journal, write):
+    with pytest.raises(JournalValueError, match="cannot hold this record's values") as refused:
+        write(journal)
+
+    assert isinstance(refused.value, JournalError)  # every caller that handles a journal error handles this one
+    assert journal.failure == ""  # the run does not stop for one record's values
+    journal.set("rec2", SENDING, "EMI-2", "hash")
+    assert journal.get("rec2").state == SENDING
+    assert journal.get("rec1") is None  # nothing of the refused write landed
 
 
 # --- runs ------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from lxml import etree
 from config import CONFIG
 from knack311.errors import RecordError
 from knack311.message import (
+    MAX_VALUE_BYTES,
     MESSAGE_ELEMENTS,
     TEMPLATE_NAME,
     TEMPLATES_DIR,
@@ -358,3 +359,24 @@ def test_messages_render_and_check_from_many_threads_at_once():
     with ThreadPoolExecutor(8) as pool:
         for _ in range(3):
             assert list(pool.map(render, activities)) == expected
+
+
+# --- how long a value may be -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("character", ["a", "\u00e9", "\u4e2d", "\U0001F6A6", "\r"],
+                         ids=["ascii", "2-byte", "3-byte", "4-byte", "bare-CR"])
+def test_a_value_at_the_limit_renders_and_parses_without_huge_tree(character):
+    # the most each character costs: 4 bytes of UTF-8 and a 10-byte character reference on the wire (&#128678;),
+    # or a 5-byte reference for a 1-byte CR; lxml parses a text node of at most 10,000,000 bytes without huge_tree
+    text = character * (MAX_VALUE_BYTES // len(character.encode("utf-8")))
+    root = assert_structure(render(dataclasses.replace(ACTIVITY, activity_details=text)))
+    assert text_of(root, "activity_details") == text
+
+
+@pytest.mark.parametrize("field", ["activity_details", "sr_number", "emi_id", "csr_activity_id"])
+def test_a_value_one_byte_over_the_limit_is_bad_data_naming_the_field_and_size(field):
+    too_long = "\u00e9" * (MAX_VALUE_BYTES // 2) + "x"
+    with pytest.raises(RecordError) as refused:
+        message_values(dataclasses.replace(ACTIVITY, **{field: too_long}), CODES)
+    assert str(refused.value).startswith(f"{field} is 1.0 MB (1,000,001 bytes of UTF-8); a 311 message takes at most "
+                                         "1 MB (1,000,000 bytes) per value")
