@@ -35,7 +35,7 @@ from .errors import ConfigError, OutageError
 from .esb import ESBUnreachable, Handshake, handshake
 from .fields import resolve_timezone
 from .healthcheck import healthcheck_url, ping_host
-from .journal import journal_path
+from .journal import LAYOUT_VERSION, journal_path, read_layout
 from .knack import DO_NOT_SEND, READY_TO_SEND, SENT, KnackClient, KnackHTTPError
 from .logs import log_format_setting, printable, progress_setting
 from .metrics import metrics_path
@@ -369,14 +369,20 @@ def _check_journal(path: Path) -> Row:
         db = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True, timeout=2)
         try:
             db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # proves it is a database
-            (layout,) = db.execute("PRAGMA user_version").fetchone()
+            layout, problem = read_layout(db)  # the run's own rule: a layout it would refuse fails here
         finally:
             db.close()
     except sqlite3.Error as exc:
         return Row("journal", FAIL, f"{path} is not a readable SQLite database ({exc}); move it aside only after "
                                     "reading the README on the journal")
+    if problem:
+        return Row("journal", FAIL, f"{path} has a table layout this version does not know ({problem}): a run "
+                                    "refuses it. Run the version that wrote it, or move the file away only after "
+                                    "reading the README on the journal")
     changed = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
-    return Row("journal", OK, f"{path}: writable, layout version {layout}, last changed {changed:%Y-%m-%d %H:%M} UTC")
+    upgrade = f" (the next run upgrades it to {LAYOUT_VERSION})" if layout != LAYOUT_VERSION else ""
+    return Row("journal", OK, f"{path}: writable, layout version {layout}{upgrade}, last changed "
+                              f"{changed:%Y-%m-%d %H:%M} UTC")
 
 
 # --- the network: the ESB handshake, Knack's usage ------------------------------------------------------------

@@ -7,6 +7,7 @@ command against the Knack and ESB simulators; outcomes read from the ESB, Knack,
 from __future__ import annotations
 
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,58 @@ def test_a_malformed_healthcheck_url_is_a_fail_row_of_the_check(run_bridge, knac
     assert table.detail("HEALTHCHECK_URL").startswith("HEALTHCHECK_URL ")
     assert table.verdict.endswith("not ready: fix the FAIL rows")
     assert SECRET_PATH not in result.output
+
+
+# ----- --check applies the run's journal rules ---------------------------------------------------------------------
+
+JOURNAL_NAME = f"{APP}.journal.sqlite3"
+
+
+def journal_of_layout(path: Path, layout: str) -> None:
+    """A journal a run refuses: one written by a newer version, or one with a column this version does not know."""
+    from knack311.journal import Journal
+
+    Journal(path).close()  # this version's layout, then changed as the other program would have it
+    db = sqlite3.connect(str(path))
+    try:
+        if layout == "newer-version":
+            db.execute("PRAGMA user_version = 3")
+        else:
+            db.execute("ALTER TABLE deliveries ADD COLUMN attempts INTEGER")
+        db.commit()
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("layout", ["newer-version", "unknown-column"])
+def test_the_check_fails_a_journal_the_run_refuses(run_bridge, knack, esb, seed, state_dir, layout):
+    seed(2)
+    state_dir.mkdir(parents=True)
+    journal_of_layout(state_dir / JOURNAL_NAME, layout)
+
+    checked = run_bridge("--check", timeout=60)
+    no_traceback(checked.output)
+    table = parse_table(checked.stdout)
+    assert table.status("journal") == "FAIL", table.rows
+    assert "layout this version does not know" in table.detail("journal")
+    assert checked.returncode == 2 and table.verdict.endswith("not ready: fix the FAIL rows")
+
+    # the same rule as the run's: it refuses that journal before anything is read or sent
+    knack.request_log.clear()
+    refused = run_bridge()
+    assert refused.returncode == 2, refused.output
+    assert knack.request_log == [] and esb.received == []
+
+
+def test_the_check_passes_an_older_journal_the_run_upgrades(run_bridge, knack, esb, seed, state_dir):
+    state_dir.mkdir(parents=True)
+    db = sqlite3.connect(str(state_dir / JOURNAL_NAME))  # the first layout that shipped (user_version 0)
+    db.execute("CREATE TABLE deliveries (record_id TEXT PRIMARY KEY, state TEXT NOT NULL, emi TEXT NOT NULL, "
+               "message_hash TEXT NOT NULL, updated REAL NOT NULL)")
+    db.commit()
+    db.close()
+
+    table = parse_table(run_bridge("--check", timeout=60).stdout)
+
+    assert table.status("journal") == "OK", table.rows
+    assert "layout version 0 (the next run upgrades it to" in table.detail("journal")
