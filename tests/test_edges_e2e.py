@@ -6,13 +6,18 @@ command against the Knack and ESB simulators; outcomes read from the ESB, Knack,
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import statuses
+from simulators.esb import parse_message
+from tests.conftest import ENTRY, statuses
 from tests.test_check_e2e import parse_table
 
 APP = "data-tracker"
@@ -137,3 +142,139 @@ def test_the_check_passes_an_older_journal_the_run_upgrades(run_bridge, knack, e
 
     assert table.status("journal") == "OK", table.rows
     assert "layout version 0 (the next run upgrades it to" in table.detail("journal")
+
+
+# ----- stdout closed or on a full disk -------------------------------------------------------------------------------
+
+def start_with_stdout(bridge_env, tmp_path, args: list[str], stdout, stderr=subprocess.PIPE) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ENTRY), APP, *args], env=bridge_env, cwd=tmp_path, stdout=stdout,
+                            stderr=stderr, text=True)
+
+
+def closed_pipe() -> int:
+    """The write end of a pipe whose reader is already gone, as under `| head` once head has exited."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    return write_end
+
+
+@pytest.mark.parametrize("stderr_too", [False, True], ids=["stdout", "stdout-and-stderr"])
+def test_a_run_logging_to_a_full_disk_delivers_everything_and_exits_with_its_own_code(knack, esb, seed, bridge_env,
+                                                                                     tmp_path, stderr_too):
+    records = seed(5)
+    with open("/dev/full", "w") as full:  # cron's `>> log` on a full disk: every write fails with ENOSPC
+        proc = start_with_stdout(bridge_env, tmp_path, [], full, full if stderr_too else subprocess.PIPE)
+        _, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 0, stderr  # the run's own code, not Python's 120 for a failed final flush
+    if not stderr_too:
+        assert stderr == ""  # no "Exception ignored ... OSError", no traceback
+    assert statuses(knack) == {r["id"]: "SENT" for r in records}
+    assert esb.copies() == {r["id"]: 1 for r in records}
+
+
+def test_a_run_whose_reader_went_away_goes_on_and_keeps_its_exit_code(knack, esb, seed, bridge_env, tmp_path):
+    records = seed(3)
+    [unknown] = seed(activity_name="Not A Known Activity")  # fails: the run's own code is 1
+    write_end = closed_pipe()
+    try:
+        proc = start_with_stdout(bridge_env, tmp_path, [], write_end)
+    finally:
+        os.close(write_end)
+    _, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 1 and stderr == "", stderr
+    assert statuses(knack) == {**{r["id"]: "SENT" for r in records}, unknown["id"]: "READY_TO_SEND"}
+
+
+def test_a_dry_run_whose_reader_went_away_stops_reading_knack_quietly(knack, esb, seed, bridge_env, tmp_path):
+    seed(1100)  # two pages
+    write_end = closed_pipe()
+    try:
+        proc = start_with_stdout(bridge_env, tmp_path, ["--dry-run"], write_end)
+    finally:
+        os.close(write_end)
+    _, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 1, stderr  # stopped early, as the exit code table says
+    assert stderr == ""  # no BrokenPipeError traceback, no "Exception ignored"
+    pages = [r for r in knack.request_log if r.method == "GET" and "/records" in r.path]
+    assert len(pages) == 1, "the dry run read on although nobody reads its output"
+    assert esb.received == [] and set(statuses(knack).values()) == {"READY_TO_SEND"}
+
+
+@pytest.mark.parametrize("mode", ["--report", "--check"])
+def test_report_and_check_into_a_closed_pipe_end_quietly_with_their_own_code(knack, esb, seed, run_bridge,
+                                                                             bridge_env, tmp_path, mode):
+    seed(2)
+    seed(activity_name="Not A Known Activity")
+    run_bridge()  # the journal now has a failing record and a run for --report to print
+    expected = run_bridge(mode, timeout=60).returncode
+
+    write_end = closed_pipe()
+    try:
+        proc = start_with_stdout(bridge_env, tmp_path, [mode], write_end)
+    finally:
+        os.close(write_end)
+    _, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == expected, stderr
+    no_traceback(stderr)
+    assert "BrokenPipe" not in stderr
+
+
+# ----- output that tells the truth -----------------------------------------------------------------------------------
+
+def test_json_dry_run_messages_are_json_events_with_the_xml_in_a_field(knack, esb, seed, run_bridge):
+    records = seed(3)
+
+    result = run_bridge("--dry-run", "--log-format", "json")
+
+    assert result.returncode == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]  # every line is JSON: no raw XML among them
+    messages = [e for e in events if e["event"] == "dry_run_message"]
+    assert sorted(e["record_id"] for e in messages) == sorted(r["id"] for r in records)
+    for event in messages:
+        assert parse_message(event["xml"].encode("ascii"))["id"] == event["record_id"]
+    assert events[-1]["event"] == "summary" and events[-1]["rendered"] == 3
+    assert esb.received == []
+
+
+def test_a_text_dry_run_still_prints_each_message_after_its_line(knack, esb, seed, run_bridge):
+    [record] = seed(1)
+
+    result = run_bridge("--dry-run")
+
+    assert result.returncode == 0, result.output
+    lines = result.stdout.splitlines()
+    [at] = [i for i, line in enumerate(lines) if "rendered (dry run, not sent)" in line]
+    xml = "\n".join(lines[at + 1:-1])
+    assert parse_message(xml.encode("ascii"))["id"] == record["id"]
+
+
+def test_a_time_budget_spent_before_the_first_read_still_counts_what_waits(knack, esb, seed, run_bridge):
+    seed(3)
+
+    result = run_bridge("--max-runtime", "0.001")
+
+    assert result.returncode == 0, result.output  # only deferred by the time budget
+    assert (count(result.stdout, "fetched"), count(result.stdout, "deferred")) == (3, 3)
+    [line] = [line for line in result.stdout.splitlines() if "used before the first read" in line]
+    assert "3 record(s) waiting" in line
+    assert esb.received == [] and set(statuses(knack).values()) == {"READY_TO_SEND"}
+
+
+def test_the_log_and_the_summary_count_the_same_fetched_records_when_the_view_ignores_its_filter(
+        knack, esb, seed, run_bridge):
+    ready = seed(1)
+    seed(2, esb_status="SENT")
+    knack.ignore_filters = True
+
+    result = run_bridge()
+
+    assert result.returncode == 0, result.output
+    [line] = [line for line in result.stdout.splitlines() if " fetched " in line]
+    fetched_in_log = int(re.search(r" fetched (\d+) record\(s\)", line).group(1))
+    assert fetched_in_log == count(result.stdout, "fetched") == 3
+    assert "2 of them not READY_TO_SEND (skipped)" in line
+    assert count(result.stdout, "skipped") == 2 and esb.copies() == {ready[0]["id"]: 1}
