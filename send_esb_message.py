@@ -12,18 +12,22 @@ Exit codes: 0 all done (or deferred by the time budget), 1 a record failed or th
 2 usage or configuration error, 75 another run for the app is active. See README.md.
 """
 
-import argparse
-import math
-import os
-import signal
 import sys
 from pathlib import Path
 
-# Until the run installs its own handlers (finish the record in hand, then stop), an interrupt just ends
-# the process: nothing has been sent yet, and a KeyboardInterrupt traceback would only alarm.
-signal.signal(signal.SIGINT, signal.SIG_DFL)
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # runnable from any working directory
+
+from knack311.stopping import PROCESS_SIGNALS  # noqa: E402  (the standard library only: quick to import)
+
+if __name__ == "__main__":
+    # First of all, before the imports that take time: python as PID 1 (a container) ignores SIGTERM and SIGINT
+    # without a handler, and a signal during the start must still end the program with its own output (each
+    # mode's Stop hears of it). The handlers stay until the process exits.
+    PROCESS_SIGNALS.install()
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
 
 from knack311.check import check_command  # noqa: E402
 from knack311.errors import ConfigError  # noqa: E402
@@ -41,6 +45,7 @@ from knack311.settings import (  # noqa: E402
     load_app,
     load_settings,
 )
+from knack311.streams import guard_standard_streams  # noqa: E402
 from knack311.version import VersionAction  # noqa: E402
 
 
@@ -115,18 +120,25 @@ def main(argv: list[str] | None = None) -> int:
             state = Path(state_dir).expanduser().absolute() if state_dir else PROJECT_ROOT / "state"
             if args.resend:
                 return resend(app.name, state, record_ids(args.resend))
-            return report(app.name, state)
+            return report(app.name, state, out=sys.stdout)
         env = dict(os.environ)
         if args.check:
-            return check_command(args.app_name, env, CONFIG,
+            return check_command(args.app_name, env, CONFIG, out=sys.stdout,
                                  log=lambda line: print(line, file=sys.stderr, flush=True))
         settings = load_settings(args.app_name, env, CONFIG, dry_run=args.dry_run, max_runtime=args.max_runtime,
                                  workers=args.workers)
-        return run(settings, reporting=reporting(args, env, settings.app.name))
+        return run(settings, out=sys.stdout, reporting=reporting(args, env, settings.app.name))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # A closed pipe (`--dry-run | head`) or a full disk under stdout: the rest of the output is dropped, never a
+    # traceback or an exit code of its own (see knack311/streams.py)
+    guard_standard_streams()
+    exit_code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    PROCESS_SIGNALS.ignore_from_now()  # the exit code is decided: a signal now would only turn it into 143
+    sys.exit(exit_code)

@@ -37,15 +37,17 @@ from .esb import ESBUnreachable, Handshake, handshake
 from .esb_proxy import esb_proxy_setting, proxy_address
 from .fields import TOLERATED_TYPES, resolve_timezone, type_problem
 from .healthcheck import healthcheck_url, ping_host
-from .journal import journal_path
+from .journal import LAYOUT_VERSION, journal_path, read_layout
 from .knack import DO_NOT_SEND, READY_TO_SEND, SENT, KnackClient, KnackHTTPError
 from .logs import log_format_setting, printable, progress_setting
 from .metrics import metrics_path
 from .pacing import DEFAULT_RESERVE_SHARE, Pacer
 from .settings import AppConfig, Settings, load_app, load_settings
+from .stopping import CutShort, Stop
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 EXIT_READY, EXIT_NOT_READY = 0, 2
+EXIT_STOPPED = 1  # SIGTERM/SIGINT ended the check early: as a run stopped early (README, exit codes)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_VARIABLES = ("KNACK_APP_ID", "KNACK_API_KEY", "ESB_ENDPOINT")
@@ -361,14 +363,20 @@ def _check_journal(path: Path) -> Row:
         db = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True, timeout=2)
         try:
             db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # proves it is a database
-            (layout,) = db.execute("PRAGMA user_version").fetchone()
+            layout, problem = read_layout(db)  # the run's own rule: a layout it would refuse fails here
         finally:
             db.close()
     except sqlite3.Error as exc:
         return Row("journal", FAIL, f"{path} is not a readable SQLite database ({exc}); move it aside only after "
                                     "reading the README on the journal")
+    if problem:
+        return Row("journal", FAIL, f"{path} has a table layout this version does not know ({problem}): a run "
+                                    "refuses it. Run the version that wrote it, or move the file away only after "
+                                    "reading the README on the journal")
     changed = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
-    return Row("journal", OK, f"{path}: writable, layout version {layout}, last changed {changed:%Y-%m-%d %H:%M} UTC")
+    upgrade = f" (the next run upgrades it to {LAYOUT_VERSION})" if layout != LAYOUT_VERSION else ""
+    return Row("journal", OK, f"{path}: writable, layout version {layout}{upgrade}, last changed "
+                              f"{changed:%Y-%m-%d %H:%M} UTC")
 
 
 # --- the network: the ESB handshake, Knack's usage ------------------------------------------------------------
@@ -429,11 +437,13 @@ class NetworkProbes:
     """
 
     def __init__(self, settings: Settings, *, now: dt.datetime | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, stop: Stop | None = None):
         self._settings = settings
         self._now = now or dt.datetime.now(dt.UTC)
+        self._stop = stop if stop is not None else Stop(request_timeout=settings.knack_timeout)
         self._knack = KnackClient(settings.knack_api_url, settings.knack_app_id, settings.knack_api_key,
-                                  timeout=settings.knack_timeout, max_rps=settings.knack_max_rps, log=log)
+                                  timeout=settings.knack_timeout, max_rps=settings.knack_max_rps, log=log,
+                                  stop=self._stop)
         self._metadata: object = None
 
     def close(self) -> None:
@@ -451,11 +461,16 @@ class NetworkProbes:
     def esb_handshake(self) -> Row:
         s = self._settings
         try:
-            result = handshake(s.esb_endpoint, cert=str(s.esb_cert), key=str(s.esb_key),
-                               key_password=s.esb_key_password, verify=s.esb_verify, timeout=s.esb_timeout,
-                               proxy=s.esb_proxy)
+            # abandoned at once on SIGTERM/SIGINT, like the check's Knack reads (the handshake has its own limit)
+            result = self._stop.call(lambda: handshake(s.esb_endpoint, cert=str(s.esb_cert), key=str(s.esb_key),
+                                                       key_password=s.esb_key_password, verify=s.esb_verify,
+                                                       timeout=s.esb_timeout, proxy=s.esb_proxy),
+                                     timeout=s.esb_timeout + 1.0, what=HANDSHAKE)
         except ESBUnreachable as exc:
             return Row(HANDSHAKE, FAIL, str(exc))
+        except CutShort as exc:
+            return Row(HANDSHAKE, SKIP, f"not finished: {self._stop.signal_name} received" if exc.by_signal
+                       else f"no answer within {s.esb_timeout:g}s (ESB_TIMEOUT)")
         return handshake_row(result, self._now)
 
     def knack_usage(self) -> list[Row]:
@@ -485,28 +500,37 @@ def check_command(app_name: str, env: Mapping[str, str], config: Mapping, *, out
         else:
             error = str(exc)
         return run_check(app_name, env, config, settings_error=error, out=out)
-    probes = NetworkProbes(settings, log=log)
+    # SIGTERM/SIGINT end the check within moments, with the table of what was checked so far
+    stop = Stop(request_timeout=settings.knack_timeout)
+    stop.install()
+    probes = NetworkProbes(settings, log=log, stop=stop)
     try:
         return run_check(app_name, env, config, fetch_metadata=probes.fetch_metadata,
-                         esb_handshake=probes.esb_handshake, knack_usage=probes.knack_usage, out=out)
+                         esb_handshake=probes.esb_handshake, knack_usage=probes.knack_usage, out=out,
+                         stopped=lambda: stop.signal_name if stop.stopped else "")
     finally:
+        stop.restore()
         probes.close()
 
 
 # --- the table -----------------------------------------------------------------------------------------------
 
-def render_table(rows: Iterable[Row]) -> str:
+def render_table(rows: Iterable[Row], stopped_by: str = "") -> str:
     rows = [Row(printable(r.item), r.status, printable(r.detail)) for r in rows]
     width = max([len("ITEM")] + [len(r.item) for r in rows])
     lines = [f"{'ITEM':<{width}}  STATUS  DETAIL"]
     lines += [f"{r.item:<{width}}  {r.status:<6}  {r.detail}" for r in rows]
     counts = {status: sum(r.status == status for r in rows) for status in (OK, WARN, FAIL, SKIP)}
     verdict = "not ready: fix the FAIL rows" if counts[FAIL] else "ready"
+    if stopped_by:
+        verdict = f"stopped by {stopped_by} before every item was checked"
     lines.append(f"check: {counts[OK]} OK, {counts[WARN]} WARN, {counts[FAIL]} FAIL, {counts[SKIP]} SKIP: {verdict}")
     return "\n".join(lines) + "\n"
 
 
-def exit_code(rows: Iterable[Row]) -> int:
+def exit_code(rows: Iterable[Row], stopped_by: str = "") -> int:
+    if stopped_by:
+        return EXIT_STOPPED
     return EXIT_NOT_READY if any(r.status == FAIL for r in rows) else EXIT_READY
 
 
@@ -529,12 +553,16 @@ def _fix(items: list[str]) -> str:
     return f"fix {' and '.join(named)} first"
 
 
-def _probe(item: str, probe: Probe | None, why_not: str) -> list[Row]:
+def _probe(item: str, probe: Probe | None, why_not: str, stopped: Callable[[], str] = lambda: "") -> list[Row]:
     if probe is None:
         return [Row(item, SKIP, why_not)]
+    if stopped():
+        return [Row(item, SKIP, f"not asked: {stopped()} received")]
     try:
         result = probe()
     except (ConfigError, OutageError) as exc:
+        if stopped():  # cut short by the signal: nothing is known either way
+            return [Row(item, SKIP, f"not finished: {stopped()} received")]
         return [Row(item, FAIL, str(exc))]
     return result if isinstance(result, list) else [result]
 
@@ -546,12 +574,14 @@ def run_check(app_name: str, env: Mapping[str, str], config: Mapping, *,
               knack_usage: Probe | None = None,
               now: dt.datetime | None = None,
               in_container: bool | None = None,
-              out: TextIO | None = None) -> int:
+              out: TextIO | None = None,
+              stopped: Callable[[], str] = lambda: "") -> int:
     """Run every check, print the table, return the exit code (0 ready, 2 not).
 
     `settings_error`: the ConfigError text of loading the settings (None when they loaded or were not tried).
     The network callables are None when they cannot run (no valid settings to build a client from): their
-    rows are SKIPs, so the table always shows what was and was not checked.
+    rows are SKIPs, so the table always shows what was and was not checked. `stopped()` names the stop signal
+    once one came: what was not checked by then is a SKIP, and the verdict says the check was stopped.
     """
     now = now or dt.datetime.now(dt.UTC)
     rows = check_environment(env, app_name)
@@ -570,12 +600,8 @@ def run_check(app_name: str, env: Mapping[str, str], config: Mapping, *,
     elif fetch_metadata is None:
         rows.append(Row("Knack app metadata", SKIP, f"not fetched: {blocked_by}"))
     else:
-        try:
-            metadata = fetch_metadata()
-        except (ConfigError, OutageError) as exc:
-            rows.append(Row("Knack app metadata", FAIL, str(exc)))
-        else:
-            rows += check_metadata(app, metadata)
+        metadata_rows = _probe("Knack app metadata", lambda: check_metadata(app, fetch_metadata()), "", stopped)
+        rows += metadata_rows
 
     certificates = check_client_certificate(_env_path(env, "ESB_CERT", "esb.cert"),
                                             _env_path(env, "ESB_KEY", "esb.pem"), now,
@@ -586,13 +612,13 @@ def run_check(app_name: str, env: Mapping[str, str], config: Mapping, *,
     # A handshake with files that already fail would only fail again, less clearly.
     unusable = [row.item for row in certificates if row.status == FAIL]
     rows += _probe("ESB TLS handshake", None if unusable else esb_handshake,
-                   f"not tried: {_fix(unusable) if unusable else blocked_by}")
+                   f"not tried: {_fix(unusable) if unusable else blocked_by}", stopped)
 
     state_dir = _env_path(env, "STATE_DIR", "state")
     rows += check_state(state_dir, journal_path(state_dir, app_name), in_container=in_container)
-    rows += _probe("Knack usage", knack_usage, f"not asked: {blocked_by}")
+    rows += _probe("Knack usage", knack_usage, f"not asked: {blocked_by}", stopped)
 
     stream = out if out is not None else sys.stdout
-    stream.write(render_table(rows))
+    stream.write(render_table(rows, stopped()))
     stream.flush()
-    return exit_code(rows)
+    return exit_code(rows, stopped())

@@ -20,13 +20,14 @@ from .errors import OutageError, RecordError
 from .esb import ESBClient, ESBUncertain, ESBUnreachable
 from .in_doubt import must_park, parked_reason, repost_wait
 from .journal import DELIVERED, DONE, PARKED, SENDING, Journal, JournalError, message_hash
-from .knack import DO_NOT_SEND, SENT, KnackClient
+from .knack import DO_NOT_SEND, SENT, KnackClient, KnackNotSent
 from .message import Activity, NotFor311, message_values, render_message
 from .outcomes import DO_NOT_SEND as DO_NOT_SEND_EVENT
-from .outcomes import ERROR, INFO, WARNING
+from .outcomes import DRY_RUN_MESSAGE, ERROR, INFO, WARNING
 from .outcomes import SENT as SENT_EVENT
 from .settings import Settings
 from .stopping import POLL, Stop
+from .streams import output_lost
 
 
 class Outcome(enum.Enum):
@@ -171,10 +172,14 @@ class RecordSender:
             self.emit("would_do_not_send", f"would set {DO_NOT_SEND} (activity {activity.activity_name!r} is not "
                       "for 311)", record=activity)
             return Result(Outcome.DO_NOT_SEND)
-        self.emit("rendered", "rendered (dry run, not sent)", record=activity)
-        self.out.write(body.decode("ascii") + "\n")
-        self.out.flush()
+        # one event with the message in it: the text log prints the XML after the line, the JSON log carries it
+        # in the event's `xml` field, so a log shipper never meets raw XML lines among the JSON
+        self.emit(DRY_RUN_MESSAGE, "rendered (dry run, not sent)", record=activity, xml=body.decode("ascii"))
         return Result(Outcome.RENDERED)
+
+    def output_lost(self) -> str:
+        """Why the run's output can no longer be written ("" while it can): a dry run then stops."""
+        return output_lost(self.out)
 
     def deliver(self, activity: Activity, body: bytes | None) -> Result:
         if body is None:
@@ -258,6 +263,14 @@ class RecordSender:
         app = self.settings.app
         try:
             self.knack.set_status(app.obj, activity.record_id, app.fields["esb_status"], status)
+        except KnackNotSent as exc:
+            # Never sent (no Knack request slot before the run's time was up: the app's other users had the
+            # second): no answer from Knack, so no sign of Knack trouble. Left as it is for the next run, the
+            # journal still saying what the ESB has.
+            if esb_has_it:
+                self.emit("status_not_sent", f"the ESB has the message; the Knack status update to {status} was not "
+                          f"sent ({exc}): the next run sets it without resending", level=WARNING, record=activity)
+            return Result(Outcome.NOT_STARTED, str(exc), status=status, esb_has_it=esb_has_it)
         except OutageError as exc:
             return Result(Outcome.UNMARKED, f"Knack status update to {status} failed: {exc}", status=status,
                           esb_has_it=esb_has_it)

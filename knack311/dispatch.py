@@ -23,7 +23,7 @@ from .fields import activity_from_record, format_value
 from .in_doubt import Doubt
 from .intake import CLEAN, Intake
 from .journal import SENDING, Journal, JournalError
-from .knack import READY_TO_SEND, SENT, KnackClient
+from .knack import READY_TO_SEND, SENT, KnackClient, KnackNotSent
 from .listing import Listing
 from .message import Activity
 from .outcomes import ERROR, FAILED, HELD, WARNING, Summary
@@ -95,9 +95,11 @@ class SendLoop:
         self.unreachable_streak = self.no_answer_streak = self.knack_down_streak = 0
         self.doubt = Doubt(settings.esb_timeout)
 
-    def run(self, listing: Listing, planned: Callable[[int], None] = lambda total: None) -> None:
-        """Deliver the ready records as the listing reads them, page by page."""
-        self._listing, self._planned = listing, planned
+    def run(self, listing: Listing, planned: Callable[[int], None] = lambda total: None,
+            waiting: Callable[[], int | None] | None = None) -> None:
+        """Deliver the ready records as the listing reads them, page by page. `waiting()`: Knack's count of the
+        ready records in one cheap read, asked only when the time budget ends before the first page is read."""
+        self._listing, self._planned, self._waiting = listing, planned, waiting
         scheduler = Scheduler()
         self._leave(self._deliver(scheduler))
         self._retry_unmarked()
@@ -117,6 +119,8 @@ class SendLoop:
         try:
             read = listing.read(settled)
         except OutageError as exc:
+            if isinstance(exc, KnackNotSent) and not self.stop.stopped and not self.stop.work_time_left():
+                return  # the time budget ended while the read waited for a Knack slot: Knack is fine, the rest waits
             self.summary.stop_reason = self.summary.stop_reason or stop_reason(self.stop, str(exc))
             if self.stop.stopped:
                 self.emit("stopped", f"stopped by {self.stop.signal_name} during: {exc}", level=WARNING)
@@ -132,13 +136,26 @@ class SendLoop:
                 continue
             self._plan(scheduler, self._arrivals, record)
             self._arrivals += 1
+        total = read.total_records if read.total_records is not None else len(read.records)
+        if first or read.records:
+            self._fetched(read.records, skipped, total, read.page, first)
         if first:
-            total = read.total_records if read.total_records is not None else len(read.records)
             self._planned(max(0, total - skipped))
         if read.listed_all:
             scheduler.listed_all()
         elif read.listed_through is not None:
             scheduler.listed_through(read.listed_through)
+
+    def _fetched(self, records: list[dict], skipped: int, total: int, page: int, first: bool) -> None:
+        """The log's count of fetched records is the summary's: each read's new records, skipped ones included, so
+        the `fetched` lines of a run add up to its summary's fetched=N."""
+        text = f"fetched {len(records)}{'' if first else ' more'} record(s)"
+        text += f", {skipped} of them not {READY_TO_SEND} (skipped)" if skipped else " ready to send"
+        if first and total > len(records):
+            text += f"; Knack lists {total}, the rest are read as these go"
+        elif not first:
+            text += f" (page {page})"
+        self.emit("fetched", text, fetched=len(records), skipped=skipped, page=page, listed=total)
 
     def _skip(self, record: dict) -> bool:
         """Knack's view filter is not to be trusted alone (seen: a view answering without applying it): a record
@@ -304,6 +321,10 @@ class SendLoop:
         summary = self.summary
         if self.journal is not None and self.journal.failure and not summary.stop_reason and not self.stop.stopped:
             summary.stop_reason = self.journal.failure
+        if self.settings.dry_run and not summary.stop_reason and (lost := self.sender.output_lost()):
+            # its output is all a dry run does: once nobody reads it (`--dry-run | head`), reading on costs Knack
+            # calls for nothing
+            summary.stop_reason = f"the dry run's output cannot be written ({lost})"
         stopping = (self.stop.stopped or bool(summary.stop_reason) or not self.stop.work_time_left()
                     or self.doubt.out_of_time)
         if stopping and self.esb_slots is not None:
@@ -312,6 +333,10 @@ class SendLoop:
 
     def _leave(self, left: int) -> None:
         """The records this run did not start: for the next run."""
+        if (self._listing.reads == 0 and not self.stop.stopped and not self.summary.stop_reason
+                and not self.stop.work_time_left()):
+            self._budget_used_before_the_first_read()
+            return
         if not left:
             return
         summary = self.summary
@@ -327,6 +352,25 @@ class SendLoop:
                     "a message in doubt" if self.stop.work_time_left() else
                     f"time budget of {self.settings.max_runtime:g}s used")
             self.emit("deferred", f"{used}: {left} record(s) deferred to the next run")
+
+    def _budget_used_before_the_first_read(self) -> None:
+        """The time budget ended before a page of records was read (a slow metadata read, a tiny --max-runtime):
+        the summary still counts what waits, from Knack's count in one one-record read, as fetched and deferred."""
+        waiting = None
+        if self._waiting is not None:
+            try:
+                waiting = self._waiting()
+            except OutageError:
+                waiting = None
+        used = f"time budget of {self.settings.max_runtime:g}s used before the first read"
+        if waiting is None:
+            self.emit("deferred", f"{used}: how many records wait is unknown (Knack's count could not be read); "
+                      "the next run reads them")
+            return
+        self.summary.fetched += waiting
+        self.summary.deferred += waiting
+        self.emit("deferred", f"{used}: {waiting} record(s) waiting in Knack, deferred to the next run",
+                  deferred=waiting)
 
     def _abandon(self, records) -> None:
         """Records still in flight when the process must end: their journal entries (`sending` or `delivered`)

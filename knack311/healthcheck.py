@@ -32,9 +32,18 @@ PING_TIMEOUT = 5.0  # seconds; healthchecks answers in milliseconds, and the run
 def healthcheck_url(value: str) -> str:
     """HEALTHCHECK_URL, checked with the settings (the error names the host only, never the secret path)."""
     url = value.strip()
-    parts = urlsplit(url)
+    bad_port = ConfigError("HEALTHCHECK_URL has a port that is not a number from 1 to 65535 (or a malformed host)")
+    try:
+        parts = urlsplit(url)
+        # urllib reads the port only when asked, and raises ValueError for `abc` or 99999: ask now, while a bad
+        # value is still a configuration error, not a crash at the first ping
+        port = parts.port
+    except ValueError:
+        raise bad_port from None
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
         raise ConfigError("HEALTHCHECK_URL must be an http(s) URL such as https://hc-ping.com/<uuid>")
+    if port == 0:
+        raise bad_port
     return url
 
 

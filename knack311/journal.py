@@ -369,26 +369,32 @@ def _unknown_layout(path: Path, detail: str) -> ConfigError:
                        "journal forgets unfinished deliveries)")
 
 
-def _check_or_upgrade(db: sqlite3.Connection, path: Path) -> None:
-    """Create a new journal's tables, upgrade the first layout in place, refuse any other (inside a transaction)."""
+def read_layout(db: sqlite3.Connection) -> tuple[int, str]:
+    """A journal's layout version, and what keeps this version from using it ("" when it reads it as it is or
+    upgrades it in place). The run, --report and --check all decide by this."""
     version = db.execute("PRAGMA user_version").fetchone()[0]
     found = _tables(db)
     if version == LAYOUT_VERSION:
-        problem = _layout_problem(found, LAYOUT)
-        if problem:
-            raise _unknown_layout(path, problem)
+        return version, _layout_problem(found, LAYOUT)
+    if version == 1:
+        return version, _layout_problem(found, LAYOUT_1)
+    if version != 0:
+        return version, f"layout version {version}; this version writes {LAYOUT_VERSION}"
+    return version, _layout_problem(found, SHIPPED_LAYOUT) if found and found != SHIPPED_LAYOUT else ""
+
+
+def _check_or_upgrade(db: sqlite3.Connection, path: Path) -> None:
+    """Create a new journal's tables, upgrade the first layout in place, refuse any other (inside a transaction)."""
+    version, problem = read_layout(db)
+    if problem:
+        raise _unknown_layout(path, problem)
+    if version == LAYOUT_VERSION:
         return
     if version == 1:
-        problem = _layout_problem(found, LAYOUT_1)
-        if problem:
-            raise _unknown_layout(path, problem)
         _add_delivery_counters(db)
         db.execute(f"PRAGMA user_version = {LAYOUT_VERSION}")
         return
-    if version != 0:
-        raise _unknown_layout(path, f"layout version {version}; this version writes {LAYOUT_VERSION}")
-    if found and found != SHIPPED_LAYOUT:
-        raise _unknown_layout(path, _layout_problem(found, SHIPPED_LAYOUT))
+    found = _tables(db)
     if found:
         db.execute("ALTER TABLE deliveries ADD COLUMN note TEXT NOT NULL DEFAULT ''")
         _add_delivery_counters(db)
@@ -430,18 +436,17 @@ def read_report(path: Path, last_runs: int = 10) -> JournalReport | None:
     except sqlite3.Error as exc:
         raise ConfigError(f"delivery journal {path} cannot be read ({exc})") from None
     try:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
+        version, problem = read_layout(db)
+        if problem:
+            raise _unknown_layout(path, problem)
         found = _tables(db)
         # what an older layout lacks is read as the upgrade will fill it in (the next run upgrades it)
-        if version == 0 and found in ({}, SHIPPED_LAYOUT):
+        if version == 0:
             extra = f"'', CASE WHEN state = '{SENDING}' THEN 1 ELSE 0 END, 0"  # no notes, failures or runs yet
-        elif version == 1 and not _layout_problem(found, LAYOUT_1):
+        elif version == 1:
             extra = f"note, CASE WHEN state = '{SENDING}' THEN 1 ELSE 0 END, 0"
-        elif version == LAYOUT_VERSION and not _layout_problem(found, LAYOUT):
-            extra = "note, posts, checked"
         else:
-            detail = _layout_problem(found, LAYOUT) or f"layout version {version}"
-            raise _unknown_layout(path, detail)
+            extra = "note, posts, checked"
         if not found:
             return JournalReport(version, [], [], [], [])
         entries = [Entry(*row) for row in db.execute(

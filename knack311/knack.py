@@ -71,6 +71,12 @@ class RecordGone(KnackHTTPError):
     """Knack answered 404 for one record: it no longer exists (deleted by staff)."""
 
 
+class KnackNotSent(OutageError):
+    """The request never left: no pacer slot before the run's deadline (Knack's second shared with the app's other
+    users), or a stop signal or the run's time came first. Knack said nothing, so this is no sign of Knack
+    trouble: the caller leaves the record as it is for the next run."""
+
+
 class KnackBudgetSpent(OutageError):
     """The app's daily Knack API budget is used up (a 429 with X-PlanLimit-Remaining 0, or the pacer's own count):
     no request, and no retry, can succeed before the budget resets."""
@@ -293,6 +299,9 @@ class KnackClient:
     def _outage(self, what: str, detail: str) -> OutageError:
         return OutageError(self._redact(f"Knack {what}: {detail}"))
 
+    def _not_sent(self, what: str, detail: str) -> KnackNotSent:
+        return KnackNotSent(self._redact(f"Knack {what}: {detail}"))
+
     def _budget_spent(self, what: str, detail: str) -> KnackBudgetSpent:
         budget = self._pacer.plan()
         return KnackBudgetSpent(self._redact(f"Knack {what}: {detail}: the app's daily Knack API budget is spent, "
@@ -327,12 +336,13 @@ class KnackClient:
         except pacing.StopRequested:
             if write:  # the update of a message the ESB just accepted goes at once, inside the stop grace
                 return None
-            raise self._outage(what, f"not started: {stop.signal_name} received") from None
+            raise self._not_sent(what, f"not started: {stop.signal_name} received") from None
         except pacing.DeadlineReached:
             if write and stop.stopped and stop.remaining() > 0:
                 return None  # as above: the stop grace, not the pacing, bounds that update
-            raise self._outage(what, f"not started: {stop.signal_name} received" if stop.stopped else
-                               "not started: the run's time (--max-runtime + ESB_TIMEOUT) is up") from None
+            raise self._not_sent(what, f"not started: {stop.signal_name} received" if stop.stopped else
+                                 "not started: no request slot before the run's time (--max-runtime + "
+                                 "ESB_TIMEOUT) was up") from None
         except pacing.DailyBudgetSpent:
             raise self._budget_spent(what, "not started") from None
 
@@ -347,10 +357,10 @@ class KnackClient:
         """One request (with its retries) -> the parsed JSON answer and the answer's headers."""
         stop = self._stop
         if stop.stopped and not write:
-            raise self._outage(what, f"not started: {stop.signal_name} received")
+            raise self._not_sent(what, f"not started: {stop.signal_name} received")
         if stop.remaining() <= 0:
-            raise self._outage(what, f"not started: {stop.signal_name} received" if stop.stopped else
-                               "not started: the run's time (--max-runtime + ESB_TIMEOUT) is up")
+            raise self._not_sent(what, f"not started: {stop.signal_name} received" if stop.stopped else
+                                 "not started: the run's time (--max-runtime + ESB_TIMEOUT) is up")
         call = _Call(what, self._total, stop.clock)
         call.hold(self._first_ticket(what, write))
         url = f"{self._base}{path}"

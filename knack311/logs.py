@@ -31,6 +31,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 from .errors import ConfigError
 from .outcomes import (
+    DRY_RUN_MESSAGE,
     ERROR,
     EXIT_LOCKED,
     EXIT_OK,
@@ -106,7 +107,11 @@ class TextFormatter(logging.Formatter):
             where = f" record={printable(event.record_id)} sr={printable(event.sr_number or '-')}"
         tag = _text_tag(event)
         message = printable(record.getMessage())
-        return f"{_utc(record.created, millis=False)} {printable(self.app)}{where} {tag + ': ' if tag else ''}{message}"
+        line = f"{_utc(record.created, millis=False)} {printable(self.app)}{where} {tag + ': ' if tag else ''}{message}"
+        if event.name == DRY_RUN_MESSAGE:
+            # the message as the ESB would receive it, after its line, as a dry run has always printed it
+            return f"{line}\n{event.fields.get('xml', '')}"
+        return line
 
 
 class EventJsonFormatter(JsonFormatter):
@@ -159,9 +164,6 @@ class EventLog(Reader):
     def event(self, event: Event) -> None:
         self.logger.log(event.level, "%s", event.message, extra={"knack311_event": event})
 
-    def planned(self, total: int) -> None:
-        self.event(Event("fetched", f"fetched {total} record(s) ready to send", fields={"fetched": total}))
-
     def finished(self, report: RunReport) -> None:
         level = logging.INFO if report.exit_code in (EXIT_OK, EXIT_LOCKED) else ERROR
         self.event(Event("summary", report.summary_text(), level, fields=report.summary_fields()))
@@ -188,8 +190,12 @@ class ProgressLines(Reader):
     """
 
     def __init__(self, emit: Callable[[Event], None], *, interval: float = PROGRESS_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic, background: bool = True):
+                 clock: Callable[[], float] = time.monotonic, background: bool = True,
+                 stopping: Callable[[], bool] = lambda: False):
+        """`stopping()`: True once the run starts no new record (a signal, the time budget, an outage); the
+        lines then give no time estimate, which would promise work that is not going to be done."""
         self._emit = emit
+        self._stopping = stopping
         self.interval = interval
         self._clock = clock
         self._background = background
@@ -219,7 +225,7 @@ class ProgressLines(Reader):
             if not self.total or self.done >= self.total or now - self._last < self.interval:
                 return None
             self._last = now
-            event = progress_event(self.done, self.total, now - self._began)
+            event = progress_event(self.done, self.total, now - self._began, stopping=self._stopping())
         self._emit(event)
         return event
 
@@ -240,10 +246,13 @@ class ProgressLines(Reader):
             self._thread.join(timeout=5)
 
 
-def progress_event(done: int, total: int, elapsed: float) -> Event:
+def progress_event(done: int, total: int, elapsed: float, *, stopping: bool = False) -> Event:
     rate = done / elapsed if elapsed > 0 else 0.0
-    left = (total - done) / rate if rate > 0 else None
-    eta = f"about {_duration(left)} left" if left is not None else "time left unknown"
+    left = (total - done) / rate if rate > 0 and not stopping else None
+    if stopping:
+        eta = "stopping: no new record starts"
+    else:
+        eta = f"about {_duration(left)} left" if left is not None else "time left unknown"
     return Event("progress", f"progress: {done}/{total} records, {rate:.1f} records/s, {eta}",
                  fields={"done": done, "total": total, "rate_per_s": round(rate, 2),
                          "eta_s": round(left, 1) if left is not None else None})
@@ -287,9 +296,10 @@ class ProgressBar(Reader):
                 self._bar = None
 
 
-def progress_reader(bar: bool, log: EventLog, *, interval: float = PROGRESS_INTERVAL) -> Reader:
+def progress_reader(bar: bool, log: EventLog, *, interval: float = PROGRESS_INTERVAL,
+                    stopping: Callable[[], bool] = lambda: False) -> Reader:
     """The progress reader for a run: the bar when asked for, else the periodic lines in the log."""
-    return ProgressBar(log) if bar else ProgressLines(log.event, interval=interval)
+    return ProgressBar(log) if bar else ProgressLines(log.event, interval=interval, stopping=stopping)
 
 
 def log_format_setting(flag: str | None, env: Mapping[str, str]) -> str:

@@ -22,6 +22,9 @@ INFO, WARNING, ERROR = logging.INFO, logging.WARNING, logging.ERROR
 # Events that conclude one record; progress counts these.
 SENT, DO_NOT_SEND, FAILED, HELD = "sent", "do_not_send", "failed", "held"
 RECORD_OUTCOMES = frozenset({SENT, DO_NOT_SEND, FAILED, HELD})
+# A dry run's rendered message: the XML rides in the event's `xml` field (logs.py prints it in text, carries it in
+# JSON)
+DRY_RUN_MESSAGE = "dry_run_message"
 
 # The counts of a run, under the names the text summary, the JSON summary and the metrics all use.
 COUNT_NAMES = ("fetched", "sent", "do_not_send", "failed", "held", "deferred", "not_attempted", "skipped")

@@ -33,7 +33,8 @@ KNACK_RATE_LIMIT = 10       # requests per second per app, on every plan
 # than 50 ms; the X-RateLimit headers and the 429 handling cover the rest. (The old default, 8, gave up 20%.)
 DEFAULT_MAX_RPS = 9.5
 HEADROOM = DEFAULT_MAX_RPS / KNACK_RATE_LIMIT  # the share of the free per-second budget the bridge takes
-MIN_RPS = 1.0               # even when others seem to use the whole second: Knack's 429s then slow us further
+MIN_RPS = 1.0               # even when others seem to use the whole second (Knack's 429s then slow us further);
+                            # never above the operator's KNACK_MAX_RPS, which may be lower (0.1 and up)
 RATE_WINDOW = 1.0           # seconds: Knack counts requests per second
 OTHERS_MEMORY = 2.0         # seconds an observation of other clients' use keeps slowing us down
 RESET_WAIT_MAX = 2.0        # a per-second window resets within a second; a later X-RateLimit-Reset is a clock skew
@@ -224,7 +225,9 @@ class Pacer:
         others = max((count for _, count in self._others), default=0)
         if self._rate_limit is None:
             return self.max_rps
-        return max(MIN_RPS, min(self.max_rps, (self._rate_limit - others) * HEADROOM))
+        # the floor keeps a trickle going while others seem to use the whole second; it never lifts the rate above
+        # what the operator allowed
+        return max(min(MIN_RPS, self.max_rps), min(self.max_rps, (self._rate_limit - others) * HEADROOM))
 
     def _observe_others(self, now: float, used: int, ticket: Ticket) -> None:
         # Knack's count for the second before this request arrived, less this run's own requests in that second,

@@ -56,9 +56,11 @@ class Reporting:
     healthcheck_url: str | None = None
 
 
-def _readers(settings: Settings, reporting: Reporting, out: TextIO, stop: Stop) -> tuple[Readers, EventLog]:
+def _readers(settings: Settings, reporting: Reporting, out: TextIO, stop: Stop,
+             summary: Summary) -> tuple[Readers, EventLog]:
     log = EventLog(settings.app.name, reporting.log_format, stream=out)
-    readers: list[Reader] = [progress_reader(reporting.progress_bar, log)]
+    readers: list[Reader] = [progress_reader(reporting.progress_bar, log, stopping=lambda: (
+        not stop.work_time_left() or bool(summary.stop_reason)))]
     if not settings.dry_run:
         if reporting.metrics_file is not None:
             readers.append(MetricsFile(reporting.metrics_file))
@@ -76,14 +78,14 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
     app = settings.app
     stop = Stop(max_runtime=settings.max_runtime, request_timeout=settings.esb_timeout, clock=clock)
     stop.install()
-    readers, _log = _readers(settings, reporting, out, stop)
+    summary = Summary()
+    readers, _log = _readers(settings, reporting, out, stop, summary)
     emit = readers.emit
     if settings.esb_verify is False:
         emit("tls_unverified", "ESB_VERIFY_TLS=false: the ESB's certificate is NOT verified", level=WARNING)
 
     lock = journal = esb = knack = None
     run_id: int | None = None
-    summary = Summary()
 
     def finish(exit_code: int) -> int:
         calls_left = knack.calls_left_today() if knack is not None and hasattr(knack, "calls_left_today") else None
@@ -206,7 +208,11 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
     sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_slots=slots)
     loop = SendLoop(settings, sender, journal, emit, summary, stop, run_id, field_types, tz,
                     esb_slots=slots, budget=knack, intake=intake)
-    loop.run(listing, readers.planned)
+
+    def waiting() -> int | None:
+        return knack.ready_count(metadata.scene, app.view, app.fields["emi_id"], app.fields["esb_status"])[0]
+
+    loop.run(listing, readers.planned, waiting=waiting)
 
     if journal is not None and listing.complete and not stop.stopped:
         # only a complete listing tells which records are no longer ready

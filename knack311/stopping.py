@@ -42,6 +42,53 @@ class CutShort(Exception):
         super().__init__(f"{what}: cut short ({cause})")
 
 
+class ProcessSignals:
+    """SIGTERM and SIGINT for the whole process, from the entry script's first lines until the process exits.
+
+    Why handlers of the process and not of each run: python as PID 1 (a container) ignores a signal it has no
+    handler for, so a `docker stop` before the handlers are in place is lost, and a signal that comes after they
+    are taken down (a second SIGTERM while the summary is being written) kills the process with exit 143, after
+    the run had decided its own code. So the entry script installs these first, before the imports that take
+    time, and keeps them; a `Stop` attaches itself while it runs and hears of a signal that came before it, too.
+    """
+
+    def __init__(self) -> None:
+        self.installed = False
+        self.name = ""                # the first signal, once one came
+        self.at: float | None = None  # when it came (time.monotonic)
+        self._stops: list[Stop] = []
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+        self.installed = True
+
+    def ignore_from_now(self) -> None:
+        """The process is ending with the exit code it decided: a later signal changes nothing. (Python resets
+        handlers that are Python functions to the default while it shuts down; ignored signals stay ignored.)"""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
+
+    def attach(self, stop: Stop) -> None:
+        self._stops.append(stop)
+        if self.name:
+            stop.request(self.name, at=self.at)
+
+    def detach(self, stop: Stop) -> None:
+        if stop in self._stops:
+            self._stops.remove(stop)
+
+    def _handle(self, signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        if not self.name:
+            self.name, self.at = name, time.monotonic()
+        for stop in list(self._stops):
+            stop.request(name)
+
+
+PROCESS_SIGNALS = ProcessSignals()
+
+
 class Stop:
     """The run's stop signal (SIGTERM, SIGINT or a request from the code) and its time limits.
 
@@ -62,10 +109,16 @@ class Stop:
 
     # -- the signal ------------------------------------------------------------------------------------------
     def install(self) -> None:
+        """Hear SIGTERM/SIGINT: through the process's handlers when the entry script installed them (a signal that
+        came before counts), else with handlers of this Stop's own until `restore()` (a library use, a test)."""
+        if PROCESS_SIGNALS.installed:
+            PROCESS_SIGNALS.attach(self)
+            return
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def restore(self) -> None:
+        PROCESS_SIGNALS.detach(self)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
@@ -73,11 +126,12 @@ class Stop:
     def _handle(self, signum: int, _frame) -> None:
         self.request(signal.Signals(signum).name)
 
-    def request(self, name: str) -> None:
-        """Stop as if a signal of that name had come (the first one counts)."""
+    def request(self, name: str, at: float | None = None) -> None:
+        """Stop as if a signal of that name had come (the first one counts); `at`: when it came (time.monotonic),
+        if before this call."""
         if not self._event.is_set():
             self.signal_name = name
-            self._signalled_at = self.clock()
+            self._signalled_at = at if at is not None and self.clock is time.monotonic else self.clock()
             self._event.set()
 
     @property

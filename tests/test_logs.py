@@ -45,6 +45,7 @@ def activity(record_id="64b0a1c2d3e4f50617180506", atd="506", sr="24-00012003") 
 def a_run(readers: Readers, sr: str = "24-00012003") -> None:
     """The events of a small run that meets each kind of line."""
     readers.planned(3)
+    readers.emit("fetched", "fetched 3 record(s) ready to send", fetched=3)  # as dispatch.SendLoop reports a read
     readers.emit("sent", "set SENT", record=activity(sr=sr))
     readers.emit("failed", "activity 'Repaint Crosswalk' has no 311 code in config.py activity_codes", level=ERROR,
                  record=activity(atd="507", sr=sr))
@@ -253,7 +254,7 @@ def test_a_failing_reader_becomes_a_warning_before_the_summary_and_changes_nothi
     readers.planned(0)
     readers.finished(RunReport(app="data-tracker", exit_code=0))
     events = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [(e["event"], e["level"]) for e in events] == [("report_failed", "warning"), ("fetched", "info"),
+    assert [(e["event"], e["level"]) for e in events] == [("report_failed", "warning"),
                                                           ("report_failed", "warning"), ("summary", "info")]
     assert "hc-ping.com" in events[0]["message"] and events[-1]["exit_code"] == 0
     assert recorder.calls == [("started", "data-tracker"), ("event", "report_failed"), ("planned", 0),
@@ -306,6 +307,24 @@ def test_progress_lines_come_every_interval_while_records_remain():
     assert len(emitted) == 2
 
 
+def test_no_time_estimate_once_the_run_is_stopping():
+    clock = FakeClock()
+    stopping = False
+    progress = ProgressLines(lambda e: None, interval=10, clock=clock, background=False, stopping=lambda: stopping)
+    progress.planned(100)
+    for _ in range(40):
+        progress.event(Event("sent", "set SENT", record_id="r"))
+    clock.now += 10
+    assert progress.tick().fields["eta_s"] == 15.0
+
+    stopping = True  # a SIGTERM, the time budget or an outage: nothing new starts
+    clock.now += 10
+    line = progress.tick()
+    assert line.fields["eta_s"] is None
+    assert line.message == "progress: 40/100 records, 2.0 records/s, stopping: no new record starts"
+    assert "left" not in line.message
+
+
 def test_progress_event_without_any_record_done_yet():
     event = progress_event(0, 2200, 12.0)
     assert event.message == "progress: 0/2200 records, 0.0 records/s, time left unknown"
@@ -347,6 +366,6 @@ def test_progress_bar_draws_on_its_own_stream_only_on_request():
     readers.emit("failed", "no code", level=ERROR, record=activity(atd="507"))
     readers.finished(RunReport(app="data-tracker", exit_code=1, fetched=3, sent=1, failed=1, deferred=1))
     assert "2/3" in bar_out.getvalue()
-    assert "\r" not in log_out.getvalue() and len(log_out.getvalue().splitlines()) == 4
+    assert "\r" not in log_out.getvalue() and len(log_out.getvalue().splitlines()) == 3
     assert isinstance(progress_reader(True, log), ProgressBar)
     assert isinstance(progress_reader(False, log), ProgressLines)

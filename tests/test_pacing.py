@@ -127,6 +127,20 @@ def test_other_clients_using_the_second_slow_the_pacer_down_and_it_recovers():
     assert pacer.current_rps == pytest.approx(DEFAULT_MAX_RPS)
 
 
+@pytest.mark.parametrize("others", [0, 4, 10], ids=["alone", "others-use-4", "others-use-the-second"])
+def test_a_max_rps_below_one_is_kept_once_knacks_headers_are_seen(others):
+    """KNACK_MAX_RPS=0.3: the header-aware floor (MIN_RPS) must not raise the operator's limit to 1 a second."""
+    pacer, clock, _ = make(0.3)
+    starts = []
+    for _ in range(4):
+        ticket = pacer.before_request()
+        starts.append(clock.now)
+        pacer.after_answer(200, rate_headers(max(0, 10 - 1 - others)), ticket)
+
+    assert pacer.current_rps == pytest.approx(0.3)
+    assert [round(b - a, 6) for a, b in zip(starts, starts[1:], strict=False)] == [round(1 / 0.3, 6)] * 3
+
+
 def test_a_single_odd_answer_does_not_slow_the_pacer_down():
     pacer, _, _ = make()
     ticket = pacer.before_request()

@@ -150,6 +150,42 @@ def test_sigterm_sets_the_stop_and_names_the_signal():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 
+def test_process_signals_reach_a_stop_attached_later_and_stay_installed(monkeypatch):
+    """The entry script's handlers: a signal during the start reaches the mode's Stop when it attaches; a Stop
+    that ends does not take them down; at the very end signals are ignored (never the default's exit 143)."""
+    from knack311 import stopping
+
+    signals = stopping.ProcessSignals()
+    monkeypatch.setattr(stopping, "PROCESS_SIGNALS", signals)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        signals.install()
+        os.kill(os.getpid(), signal.SIGTERM)  # before any Stop exists (the imports, the settings)
+        time.sleep(0.01)
+        assert signals.name == "SIGTERM"
+
+        stop = Stop(request_timeout=1)
+        stop.install()
+        assert stop.stopped and stop.signal_name == "SIGTERM"
+        assert stop.exit_by() <= signals.at + stopping.STOP_WITHIN  # counted from the signal, not from now
+        stop.restore()
+        assert signal.getsignal(signal.SIGTERM) == signals._handle  # still ours after the run
+        os.kill(os.getpid(), signal.SIGINT)  # handled: no KeyboardInterrupt
+        time.sleep(0.01)
+
+        later = Stop(request_timeout=1)
+        later.install()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert later.wait(2) is True and later.signal_name == "SIGTERM"  # the process's first signal counts
+        later.restore()
+
+        signals.ignore_from_now()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def test_wait_sleeps_unless_stopped():
     stop = Stop()
     started = time.monotonic()
