@@ -214,7 +214,8 @@ class RecordSender:
                     why = f"an earlier run died while posting this message ({when(in_doubt.updated)})"
                 self.emit("resend_in_doubt", f"{why}: sending again (waiting up to {wait:.0f}s for the answer), "
                           "311 may receive it twice", level=WARNING, record=activity)
-            posts = self.journal.posting(record_id, activity.emi_id, digest)
+            posts = self.journal.posting(record_id, activity.emi_id, digest, activity.sr_number,
+                                         activity.atd_activity_id)
 
             def before_try(number: int, tries: int, previous: str) -> None:
                 # still `sending`: should the run die during this try, the next run warns, and says which try

@@ -468,7 +468,8 @@ class SendLoop:
         history = ""
         if self.journal is not None and self.run_id is not None and not self.journal.failure:
             try:
-                failure = self.journal.record_failure(record_id, sr, reason, self.run_id)
+                failure = self.journal.record_failure(record_id, sr, reason, self.run_id,
+                                                      activity.atd_activity_id if activity is not None else "")
             except JournalError:
                 pass  # the loop stops on journal.failure
             else:

@@ -47,25 +47,29 @@ RECHECK_AFTER = 24 * 3600.0
 LAYOUT_VERSION = 2
 # table -> its columns, in order: what this version reads and writes
 LAYOUT = {
-    "deliveries": ("record_id", "state", "emi", "message_hash", "updated", "note", "posts", "checked"),
-    "failures": ("record_id", "sr_number", "first_failed", "last_failed", "runs", "last_run", "last_reason"),
+    "deliveries": ("record_id", "state", "emi", "message_hash", "updated", "note", "posts", "checked", "sr_number",
+                   "activity"),
+    "failures": ("record_id", "sr_number", "first_failed", "last_failed", "runs", "last_run", "last_reason",
+                 "activity"),
     "runs": ("run_id", "started", "ended", "fetched", "sent", "do_not_send", "failed", "held", "deferred",
              "not_attempted", "skipped", "exit_code", "stop_reason"),
 }
 # the layout that shipped first (user_version 0), upgraded in place
 SHIPPED_LAYOUT = {"deliveries": ("record_id", "state", "emi", "message_hash", "updated")}
 # layout 1: as LAYOUT without deliveries.posts and deliveries.checked, upgraded in place
-LAYOUT_1 = {**LAYOUT, "deliveries": LAYOUT["deliveries"][:6]}
+LAYOUT_1 = {**LAYOUT, "deliveries": LAYOUT["deliveries"][:6], "failures": LAYOUT["failures"][:7]}
 RUN_COUNTS = LAYOUT["runs"][3:11]
 
 _CREATE = {
     "deliveries": """CREATE TABLE deliveries (
         record_id TEXT PRIMARY KEY, state TEXT NOT NULL, emi TEXT NOT NULL,
         message_hash TEXT NOT NULL, updated REAL NOT NULL, note TEXT NOT NULL DEFAULT '',
-        posts INTEGER NOT NULL DEFAULT 0, checked REAL NOT NULL DEFAULT 0)""",
+        posts INTEGER NOT NULL DEFAULT 0, checked REAL NOT NULL DEFAULT 0,
+        sr_number TEXT NOT NULL DEFAULT '', activity TEXT NOT NULL DEFAULT '')""",
     "failures": """CREATE TABLE failures (
         record_id TEXT PRIMARY KEY, sr_number TEXT NOT NULL, first_failed REAL NOT NULL, last_failed REAL NOT NULL,
-        runs INTEGER NOT NULL, last_run INTEGER NOT NULL, last_reason TEXT NOT NULL)""",
+        runs INTEGER NOT NULL, last_run INTEGER NOT NULL, last_reason TEXT NOT NULL,
+        activity TEXT NOT NULL DEFAULT '')""",
     "runs": """CREATE TABLE runs (
         run_id INTEGER PRIMARY KEY, started REAL NOT NULL, ended REAL,
         fetched INTEGER, sent INTEGER, do_not_send INTEGER, failed INTEGER, held INTEGER, deferred INTEGER,
@@ -83,6 +87,8 @@ class Entry:
     note: str = ""     # why a `sending` entry is in doubt ("" = the run died while posting)
     posts: int = 0     # POSTs of this message that got no answer (sending) or the count that parked it
     checked: float = 0.0  # when a run last asked Knack for this record's status (0: never)
+    sr_number: str = ""   # the service request and the atd_activity_id, to name the record as the log does
+    activity: str = ""    # ("" in an entry written before the journal kept them)
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ class Failure:
     last_failed: float
     runs: int
     last_reason: str
+    activity: str = ""  # the atd_activity_id, to name the record as the log does ("" if it could not be read)
 
 
 @dataclass(frozen=True)
@@ -205,8 +212,8 @@ class Journal:
 
     # -- deliveries ------------------------------------------------------------------------------------------
     def get(self, record_id: str) -> Entry | None:
-        rows = self._rows("SELECT record_id, state, emi, message_hash, updated, note, posts, checked FROM deliveries "
-                          "WHERE record_id = ?", (record_id,))
+        rows = self._rows("SELECT record_id, state, emi, message_hash, updated, note, posts, checked, sr_number, "
+                          "activity FROM deliveries WHERE record_id = ?", (record_id,))
         return Entry(*rows[0]) if rows else None
 
     def set(self, record_id: str, state: str, emi: str = "", message_hash: str = "", note: str = "") -> None:
@@ -223,31 +230,34 @@ class Journal:
         """Drop a 'sending' entry whose POST certainly never reached the ESB (the connection was refused)."""
         self._execute("DELETE FROM deliveries WHERE record_id = ? AND state = ?", (record_id, SENDING))
 
-    def posting(self, record_id: str, emi: str, message_hash: str) -> int:
+    def posting(self, record_id: str, emi: str, message_hash: str, sr_number: str = "", activity: str = "") -> int:
         """The record goes `sending` and its POST is counted, committed before the POST (a kill mid-POST counts);
         returns the POSTs of this message in doubt, this one included. An entry already in doubt adds one (one
         from a version that did not count them counts as one); any other starts at one."""
         with self._lock:  # the count read back is this write's
             self._execute(
-                """INSERT INTO deliveries (record_id, state, emi, message_hash, updated, note, posts)
-                   VALUES (?, ?, ?, ?, ?, '', 1)
+                """INSERT INTO deliveries (record_id, state, emi, message_hash, updated, note, posts, sr_number,
+                                           activity)
+                   VALUES (?, ?, ?, ?, ?, '', 1, ?, ?)
                    ON CONFLICT(record_id) DO UPDATE SET
                      posts = CASE WHEN state = excluded.state THEN MAX(posts, 1) + 1 ELSE 1 END,
                      state = excluded.state,
                      emi = CASE WHEN excluded.emi = '' THEN emi ELSE excluded.emi END,
                      message_hash = CASE WHEN excluded.message_hash = '' THEN message_hash
                                     ELSE excluded.message_hash END,
+                     sr_number = CASE WHEN excluded.sr_number = '' THEN sr_number ELSE excluded.sr_number END,
+                     activity = CASE WHEN excluded.activity = '' THEN activity ELSE excluded.activity END,
                      updated = excluded.updated, note = ''""",
-                (record_id, SENDING, emi, message_hash, time.time()))
+                (record_id, SENDING, emi, message_hash, time.time(), sr_number, activity))
             [(posts,)] = self._rows("SELECT posts FROM deliveries WHERE record_id = ?", (record_id,))
         return int(posts)
 
     def restore(self, entry: Entry) -> None:
         """Put an entry back as it was: a POST that never reached the ESB changes nothing of a doubt it had."""
         self._execute("INSERT OR REPLACE INTO deliveries (record_id, state, emi, message_hash, updated, note, posts, "
-                      "checked) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                      "checked, sr_number, activity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                       (entry.record_id, entry.state, entry.emi, entry.message_hash, entry.updated, entry.note,
-                       entry.posts, entry.checked))
+                       entry.posts, entry.checked, entry.sr_number, entry.activity))
 
     def park(self, record_id: str, note: str) -> None:
         """A message in doubt that is not posted again until a person releases it (`release`); keeps its posts."""
@@ -269,7 +279,8 @@ class Journal:
         `done`; DO_NOT_SEND or deleted by staff), but a record can also drop out of one listing while still ready
         (a staff edit shifting the pages, a blank EMI id): the caller asks Knack before closing any.
         """
-        rows = self._rows("SELECT record_id, state, emi, message_hash, updated, note, posts, checked FROM deliveries "
+        rows = self._rows("SELECT record_id, state, emi, message_hash, updated, note, posts, checked, sr_number, "
+                          "activity FROM deliveries "
                           "WHERE state IN (?, ?, ?) AND checked < ? ORDER BY checked, updated",
                           (DELIVERED, SENDING, PARKED, float("inf") if checked_before is None else checked_before))
         return [Entry(*row) for row in rows if row[0] not in ready_ids]
@@ -289,22 +300,24 @@ class Journal:
         return dict(self._rows("SELECT state, COUNT(*) FROM deliveries GROUP BY state"))
 
     # -- failures --------------------------------------------------------------------------------------------
-    def record_failure(self, record_id: str, sr_number: str, reason: str, run_id: int) -> Failure:
+    def record_failure(self, record_id: str, sr_number: str, reason: str, run_id: int, activity: str = "") -> Failure:
         """Note that the record failed in this run (counted once per run); returns its history."""
         now = time.time()
         with self._lock:  # the history read back is this write's
-            return self._record_failure(record_id, sr_number, reason, run_id, now)
+            return self._record_failure(record_id, sr_number, reason, run_id, now, activity)
 
-    def _record_failure(self, record_id: str, sr_number: str, reason: str, run_id: int, now: float) -> Failure:
+    def _record_failure(self, record_id: str, sr_number: str, reason: str, run_id: int, now: float,
+                        activity: str = "") -> Failure:
         self._execute(
-            """INSERT INTO failures (record_id, sr_number, first_failed, last_failed, runs, last_run, last_reason)
-               VALUES (?, ?, ?, ?, 1, ?, ?)
+            """INSERT INTO failures (record_id, sr_number, first_failed, last_failed, runs, last_run, last_reason,
+                                     activity)
+               VALUES (?, ?, ?, ?, 1, ?, ?, ?)
                ON CONFLICT(record_id) DO UPDATE SET sr_number = excluded.sr_number,
                  last_failed = excluded.last_failed, last_reason = excluded.last_reason,
                  runs = runs + (CASE WHEN last_run = excluded.last_run THEN 0 ELSE 1 END),
-                 last_run = excluded.last_run""",
-            (record_id, sr_number, now, now, run_id, reason))
-        [row] = self._rows("SELECT record_id, sr_number, first_failed, last_failed, runs, last_reason "
+                 last_run = excluded.last_run, activity = excluded.activity""",
+            (record_id, sr_number, now, now, run_id, reason, activity))
+        [row] = self._rows("SELECT record_id, sr_number, first_failed, last_failed, runs, last_reason, activity "
                            "FROM failures WHERE record_id = ?", (record_id,))
         return Failure(*row)
 
@@ -320,7 +333,7 @@ class Journal:
 
     def failures(self) -> list[Failure]:
         return [Failure(*row) for row in self._rows(
-            "SELECT record_id, sr_number, first_failed, last_failed, runs, last_reason FROM failures "
+            "SELECT record_id, sr_number, first_failed, last_failed, runs, last_reason, activity FROM failures "
             "ORDER BY first_failed")]
 
     # -- runs ------------------------------------------------------------------------------------------------
@@ -391,13 +404,13 @@ def _check_or_upgrade(db: sqlite3.Connection, path: Path) -> None:
     if version == LAYOUT_VERSION:
         return
     if version == 1:
-        _add_delivery_counters(db)
+        _add_layout_2_columns(db)
         db.execute(f"PRAGMA user_version = {LAYOUT_VERSION}")
         return
     found = _tables(db)
     if found:
         db.execute("ALTER TABLE deliveries ADD COLUMN note TEXT NOT NULL DEFAULT ''")
-        _add_delivery_counters(db)
+        _add_layout_2_columns(db)
         # The first layout hashed the template variables, whose names are changing: an old hash cannot be
         # compared with a new one. "" means "unknown: take it for the same message", which keeps today's
         # behaviour (set SENT without resending) instead of resending every delivered message after the upgrade.
@@ -408,10 +421,14 @@ def _check_or_upgrade(db: sqlite3.Connection, path: Path) -> None:
     db.execute(f"PRAGMA user_version = {LAYOUT_VERSION}")
 
 
-def _add_delivery_counters(db: sqlite3.Connection) -> None:
+def _add_layout_2_columns(db: sqlite3.Connection) -> None:
     # An entry in doubt from an older layout counts as posted once: one more unanswered POST parks it.
     db.execute("ALTER TABLE deliveries ADD COLUMN posts INTEGER NOT NULL DEFAULT 0")
     db.execute("ALTER TABLE deliveries ADD COLUMN checked REAL NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE deliveries ADD COLUMN sr_number TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE deliveries ADD COLUMN activity TEXT NOT NULL DEFAULT ''")
+    if "failures" in _tables(db):  # layout 0 has none yet: it is created whole
+        db.execute("ALTER TABLE failures ADD COLUMN activity TEXT NOT NULL DEFAULT ''")
     db.execute("UPDATE deliveries SET posts = 1 WHERE state = ?", (SENDING,))
 
 
@@ -442,11 +459,12 @@ def read_report(path: Path, last_runs: int = 10) -> JournalReport | None:
         found = _tables(db)
         # what an older layout lacks is read as the upgrade will fill it in (the next run upgrades it)
         if version == 0:
-            extra = f"'', CASE WHEN state = '{SENDING}' THEN 1 ELSE 0 END, 0"  # no notes, failures or runs yet
+            extra = f"'', CASE WHEN state = '{SENDING}' THEN 1 ELSE 0 END, 0, '', ''"  # no notes, failures, runs
         elif version == 1:
-            extra = f"note, CASE WHEN state = '{SENDING}' THEN 1 ELSE 0 END, 0"
+            extra = f"note, CASE WHEN state = '{SENDING}' THEN 1 ELSE 0 END, 0, '', ''"
         else:
-            extra = "note, posts, checked"
+            extra = "note, posts, checked, sr_number, activity"
+        failure_activity = "activity" if version == LAYOUT_VERSION else "''"
         if not found:
             return JournalReport(version, [], [], [], [])
         entries = [Entry(*row) for row in db.execute(
@@ -456,7 +474,8 @@ def read_report(path: Path, last_runs: int = 10) -> JournalReport | None:
         runs: list[RunRow] = []
         if version >= 1:
             failures = [Failure(*row) for row in db.execute(
-                "SELECT record_id, sr_number, first_failed, last_failed, runs, last_reason FROM failures "
+                f"SELECT record_id, sr_number, first_failed, last_failed, runs, last_reason, {failure_activity} "
+                "FROM failures "
                 "ORDER BY first_failed")]
             for row in db.execute(f"SELECT run_id, started, ended, {', '.join(RUN_COUNTS)}, exit_code, stop_reason "
                                   "FROM runs ORDER BY run_id DESC LIMIT ?", (last_runs,)):

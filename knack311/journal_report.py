@@ -19,9 +19,11 @@ from .logs import printable
 from .outcomes import COUNT_NAMES, EXIT_OK
 
 
-def record_label(record_id: str, sr_number: str | None) -> str:
-    """`record=ID sr=SR`, the log's own words for a record whose activity id is not at hand (logs.TextFormatter);
-    the journal keeps no activity id, so `activity=` never shows here."""
+def record_label(record_id: str, sr_number: str | None, activity: str = "") -> str:
+    """`record=ID activity=ATD sr=SR` as the log names a record (logs.TextFormatter), so that `grep record=ID`
+    finds its log lines; `activity=` only where the journal knows it (entries from before it kept it do not)."""
+    if activity:
+        return f"record={record_id} activity={activity} sr={sr_number or '-'}"
     return f"record={record_id} sr={sr_number or '-'}"
 
 
@@ -39,32 +41,38 @@ def report(app_name: str, state_dir: Path, out: TextIO = sys.stdout, last_runs: 
     if found.layout_version == 0:
         say("  (the layout of an earlier version: the next run upgrades it; it keeps no failures or runs yet)")
 
-    # A delivery keeps no SR in the journal; its failure (a status update that did not take) does.
+    # An entry written before the journal kept the SR may still have it in its failure (a status update that did
+    # not take).
     sr_of = {failure.record_id: failure.sr_number for failure in found.failures}
+
+    def label(entry: Entry) -> str:
+        return record_label(entry.record_id, entry.sr_number or sr_of.get(entry.record_id), entry.activity)
+
     settled = f"closed once Knack shows the record in a state other than {READY_TO_SEND}, or deleted"
     say(f"delivered to the ESB, not yet marked {SENT} in Knack: {len(found.delivered) or 'none'}"
         + (f" (each: set {SENT} without posting it again when a run lists the record as ready; {settled})"
            if found.delivered else ""))
     for entry in found.delivered:
-        say(f"  {record_label(entry.record_id, sr_of.get(entry.record_id))} accepted {when(entry.updated)}"
+        say(f"  {label(entry)} accepted {when(entry.updated)}"
             f" (EMI message {entry.emi or '-'}){_asked(entry)}")
     say(f"delivery in doubt ({SENDING}): {len(found.sending) or 'none'}"
         + (" (each: posted again, alone and waiting longer, when a run lists the record as ready, and 311 may "
            f"receive it twice; {settled})" if found.sending else ""))
     for entry in found.sending:
         why = entry.note or "a run died while posting it"
-        say(f"  {record_label(entry.record_id, sr_of.get(entry.record_id))} posts={posts_so_far(entry.posts)} since "
+        say(f"  {label(entry)} posts={posts_so_far(entry.posts)} since "
             f"{when(entry.updated)}: {why} (EMI message {entry.emi or '-'}){_asked(entry)}")
     say(f"{PARKED} (posted twice without an answer; no run posts them again): {len(found.parked) or 'none'}"
         + (" (ask the ESB team whether 311 has each: if it has, set the record SENT in Knack; if not, "
            f"--resend RECORD_ID; {settled})" if found.parked else ""))
     for entry in found.parked:
-        say(f"  {record_label(entry.record_id, sr_of.get(entry.record_id))} posts={posts_so_far(entry.posts)} parked "
+        say(f"  {label(entry)} posts={posts_so_far(entry.posts)} parked "
             f"{when(entry.updated)}: {entry.note or 'a run died while posting it'} (EMI message {entry.emi or '-'})"
             f"{_asked(entry)}")
     say(f"records that keep failing: {len(found.failures) or 'none'}")
     for failure in found.failures:
-        say(f"  {record_label(failure.record_id, failure.sr_number)} failing since {when(failure.first_failed)}"
+        say(f"  {record_label(failure.record_id, failure.sr_number, failure.activity)} failing since "
+            f"{when(failure.first_failed)}"
             f", in {failure.runs} run{'s' if failure.runs != 1 else ''}; last {when(failure.last_failed)}: "
             f"{failure.last_reason}")
     say(f"last runs, newest first: {len(found.runs) or 'none'}")

@@ -461,8 +461,9 @@ def test_layout_1_is_upgraded_in_place_an_entry_in_doubt_counting_one_post(journ
     j.close()
     db = sqlite3.connect(str(journal_path))  # back to layout 1: as the previous version left it
     with db:
-        db.execute("ALTER TABLE deliveries DROP COLUMN checked")
-        db.execute("ALTER TABLE deliveries DROP COLUMN posts")
+        for column in ("activity", "sr_number", "checked", "posts"):
+            db.execute(f"ALTER TABLE deliveries DROP COLUMN {column}")
+        db.execute("ALTER TABLE failures DROP COLUMN activity")
         db.execute("PRAGMA user_version = 1")
     db.close()
 

@@ -97,8 +97,9 @@ def test_the_report_names_records_as_the_log_does(knack, esb, seed, run_bridge, 
         names = log_names(run.stdout, record["id"])
         assert names["record"] == record["id"] and names["sr"].startswith("20-"), names
         [line] = [line for line in section(result.stdout, heading) if record["id"] in line]
-        # the same words and values as the log (the journal keeps no activity id: activity= is left out)
-        assert line.split()[:2] == [f"record={names['record']}", f"sr={names['sr']}"], (line, names)
+        # the same words and values as the log
+        assert line.split()[:3] == [f"record={names['record']}", f"activity={names['activity']}",
+                                    f"sr={names['sr']}"], (line, names)
         assert "emi=" not in line
 
 
