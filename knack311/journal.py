@@ -34,25 +34,30 @@ from lxml import etree
 from .errors import ConfigError, OutageError
 
 SENDING, DELIVERED, DONE = "sending", "delivered", "done"
+# a message posted twice without an answer: never posted again until a person releases it (--resend)
+PARKED = "parked"
 KEEP_DONE_SECONDS = 30 * 24 * 3600   # done entries, old failures and old runs are kept this long
 KEEP_RUNS = 100                      # ... and at most this many runs
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 # table -> its columns, in order: what this version reads and writes
 LAYOUT = {
-    "deliveries": ("record_id", "state", "emi", "message_hash", "updated", "note"),
+    "deliveries": ("record_id", "state", "emi", "message_hash", "updated", "note", "posts", "checked"),
     "failures": ("record_id", "sr_number", "first_failed", "last_failed", "runs", "last_run", "last_reason"),
     "runs": ("run_id", "started", "ended", "fetched", "sent", "do_not_send", "failed", "held", "deferred",
              "not_attempted", "skipped", "exit_code", "stop_reason"),
 }
 # the layout that shipped first (user_version 0), upgraded in place
 SHIPPED_LAYOUT = {"deliveries": ("record_id", "state", "emi", "message_hash", "updated")}
+# layout 1: as LAYOUT without deliveries.posts and deliveries.checked, upgraded in place
+LAYOUT_1 = {**LAYOUT, "deliveries": LAYOUT["deliveries"][:6]}
 RUN_COUNTS = LAYOUT["runs"][3:11]
 
 _CREATE = {
     "deliveries": """CREATE TABLE deliveries (
         record_id TEXT PRIMARY KEY, state TEXT NOT NULL, emi TEXT NOT NULL,
-        message_hash TEXT NOT NULL, updated REAL NOT NULL, note TEXT NOT NULL DEFAULT '')""",
+        message_hash TEXT NOT NULL, updated REAL NOT NULL, note TEXT NOT NULL DEFAULT '',
+        posts INTEGER NOT NULL DEFAULT 0, checked REAL NOT NULL DEFAULT 0)""",
     "failures": """CREATE TABLE failures (
         record_id TEXT PRIMARY KEY, sr_number TEXT NOT NULL, first_failed REAL NOT NULL, last_failed REAL NOT NULL,
         runs INTEGER NOT NULL, last_run INTEGER NOT NULL, last_reason TEXT NOT NULL)""",
@@ -71,6 +76,8 @@ class Entry:
     message_hash: str  # "" when unknown (an entry from the first layout): taken as "the same message"
     updated: float
     note: str = ""     # why a `sending` entry is in doubt ("" = the run died while posting)
+    posts: int = 0     # POSTs of this message that got no answer (sending) or the count that parked it
+    checked: float = 0.0  # when a run last asked Knack for this record's status (0: never)
 
 
 @dataclass(frozen=True)
@@ -177,7 +184,7 @@ class Journal:
 
     # -- deliveries ------------------------------------------------------------------------------------------
     def get(self, record_id: str) -> Entry | None:
-        rows = self._rows("SELECT record_id, state, emi, message_hash, updated, note FROM deliveries "
+        rows = self._rows("SELECT record_id, state, emi, message_hash, updated, note, posts, checked FROM deliveries "
                           "WHERE record_id = ?", (record_id,))
         return Entry(*rows[0]) if rows else None
 
@@ -202,7 +209,7 @@ class Journal:
         but a record can also drop out of one listing without being SENT (a staff edit shifting the pages, a
         view answering without its filter): the caller confirms each with Knack before closing it.
         """
-        rows = self._rows("SELECT record_id, state, emi, message_hash, updated, note FROM deliveries "
+        rows = self._rows("SELECT record_id, state, emi, message_hash, updated, note, posts, checked FROM deliveries "
                           "WHERE state IN (?, ?) ORDER BY updated", (DELIVERED, SENDING))
         return [Entry(*row) for row in rows if row[0] not in ready_ids]
 
@@ -299,12 +306,20 @@ def _check_or_upgrade(db: sqlite3.Connection, path: Path) -> None:
         if problem:
             raise _unknown_layout(path, problem)
         return
+    if version == 1:
+        problem = _layout_problem(found, LAYOUT_1)
+        if problem:
+            raise _unknown_layout(path, problem)
+        _add_delivery_counters(db)
+        db.execute(f"PRAGMA user_version = {LAYOUT_VERSION}")
+        return
     if version != 0:
         raise _unknown_layout(path, f"layout version {version}; this version writes {LAYOUT_VERSION}")
     if found and found != SHIPPED_LAYOUT:
         raise _unknown_layout(path, _layout_problem(found, SHIPPED_LAYOUT))
     if found:
         db.execute("ALTER TABLE deliveries ADD COLUMN note TEXT NOT NULL DEFAULT ''")
+        _add_delivery_counters(db)
         # The first layout hashed the template variables, whose names are changing: an old hash cannot be
         # compared with a new one. "" means "unknown: take it for the same message", which keeps today's
         # behaviour (set SENT without resending) instead of resending every delivered message after the upgrade.
@@ -313,6 +328,13 @@ def _check_or_upgrade(db: sqlite3.Connection, path: Path) -> None:
         if table not in found:
             db.execute(create)
     db.execute(f"PRAGMA user_version = {LAYOUT_VERSION}")
+
+
+def _add_delivery_counters(db: sqlite3.Connection) -> None:
+    # An entry in doubt from an older layout counts as posted once: one more unanswered POST parks it.
+    db.execute("ALTER TABLE deliveries ADD COLUMN posts INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE deliveries ADD COLUMN checked REAL NOT NULL DEFAULT 0")
+    db.execute("UPDATE deliveries SET posts = 1 WHERE state = ?", (SENDING,))
 
 
 @dataclass(frozen=True)
@@ -337,21 +359,24 @@ def read_report(path: Path, last_runs: int = 10) -> JournalReport | None:
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         found = _tables(db)
+        # what an older layout lacks is read as the upgrade will fill it in (the next run upgrades it)
         if version == 0 and found in ({}, SHIPPED_LAYOUT):
-            note = "''"  # the first layout: no notes, failures or runs yet (the next run upgrades it)
+            extra = f"'', CASE WHEN state = '{SENDING}' THEN 1 ELSE 0 END, 0"  # no notes, failures or runs yet
+        elif version == 1 and not _layout_problem(found, LAYOUT_1):
+            extra = f"note, CASE WHEN state = '{SENDING}' THEN 1 ELSE 0 END, 0"
         elif version == LAYOUT_VERSION and not _layout_problem(found, LAYOUT):
-            note = "note"
+            extra = "note, posts, checked"
         else:
             detail = _layout_problem(found, LAYOUT) or f"layout version {version}"
             raise _unknown_layout(path, detail)
         if not found:
             return JournalReport(version, [], [], [], [])
         entries = [Entry(*row) for row in db.execute(
-            f"SELECT record_id, state, emi, message_hash, updated, {note} FROM deliveries WHERE state IN (?, ?) "
+            f"SELECT record_id, state, emi, message_hash, updated, {extra} FROM deliveries WHERE state IN (?, ?) "
             "ORDER BY updated", (DELIVERED, SENDING))]
         failures: list[Failure] = []
         runs: list[RunRow] = []
-        if version == LAYOUT_VERSION:
+        if version >= 1:
             failures = [Failure(*row) for row in db.execute(
                 "SELECT record_id, sr_number, first_failed, last_failed, runs, last_reason FROM failures "
                 "ORDER BY first_failed")]

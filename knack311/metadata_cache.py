@@ -15,7 +15,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .errors import OutageError
+from .knack import AppSchema, app_schema_from
+
+if TYPE_CHECKING:
+    from .knack import KnackClient
+    from .settings import Settings
 
 MAX_AGE = 24 * 3600.0  # seconds a cached copy is trusted
 FORMAT = 1
@@ -103,3 +110,51 @@ def load_or_fetch(cache: MetadataCache, fetch: Callable[[], Any], fits: Callable
     if isinstance(fresh, dict):
         cache.store(fresh)
     return fresh, False
+
+
+class AppMetadata:
+    """The app metadata for a run, from the cache in STATE_DIR when it is fresh and describes the configured view,
+    object and fields, else fetched. A dry run, which keeps no state, always fetches."""
+
+    def __init__(self, settings: Settings, knack: KnackClient):
+        app = settings.app
+        self._knack = knack
+        self._obj, self._view = app.obj, app.view
+        self._fields = [key for variable, key in app.fields.items() if variable != "id"]
+        self._cache = None if settings.dry_run else MetadataCache(settings.state_dir, app.name, settings.knack_app_id)
+        self.from_cache = False
+        self.scene = ""
+
+    def schema(self) -> AppSchema:
+        if self._cache is None:
+            return self._take(self._knack.app_metadata())
+        data, self.from_cache = load_or_fetch(self._cache, self._knack.app_metadata, self._fits)
+        try:
+            return self._take(data)
+        except OutageError:
+            if not self.from_cache:
+                raise
+            return self._fresh()  # a cached copy that cannot be read is no reason to fail
+
+    def refresh(self) -> bool:
+        """Fetch afresh when the schema came from the cache (True); False when it was fresh already."""
+        if not self.from_cache:
+            return False
+        self._fresh()
+        return True
+
+    def _fresh(self) -> AppSchema:
+        self._cache.forget()
+        data, self.from_cache = self._knack.app_metadata(), False
+        schema = self._take(data)
+        if isinstance(data, dict):
+            self._cache.store(data)
+        return schema
+
+    def _fits(self, data: dict) -> bool:
+        return not missing_from(data, view=self._view, obj=self._obj, fields=self._fields)
+
+    def _take(self, data: object) -> AppSchema:
+        schema = app_schema_from(data, self._obj, self._view)
+        self.scene = schema.scene
+        return schema

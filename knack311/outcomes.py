@@ -174,3 +174,40 @@ class Readers(Reader):
                 getattr(reader, hook)(argument)
             except ReportError as exc:
                 self.event(Event("report_failed", str(exc), WARNING))
+
+
+@dataclass
+class Summary:
+    """The run's counts as they grow; `report()` turns them into the RunReport every reader gets."""
+
+    fetched: int = 0
+    sent: int = 0
+    do_not_send: int = 0
+    failed: int = 0
+    held: int = 0
+    deferred: int = 0
+    not_attempted: int = 0
+    skipped: int = 0           # listed by Knack although not READY_TO_SEND: never posted
+    rendered: int = 0
+    stop_reason: str = ""
+    failed_ids: list[str] = field(default_factory=list)
+    held_ids: list[str] = field(default_factory=list)
+
+    def account_for_the_rest(self) -> None:
+        """Every fetched record is in one count: what no count holds yet was not attempted."""
+        rest = self.fetched - self.rendered - sum(getattr(self, name) for name in COUNT_NAMES[1:])
+        if rest > 0:
+            self.not_attempted += rest
+
+    def counts(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in COUNT_NAMES}
+
+    def exit_code(self) -> int:
+        trouble = self.failed or self.held or self.not_attempted or self.stop_reason
+        return EXIT_FAILED if trouble else EXIT_OK
+
+    def report(self, app: str, exit_code: int, duration: float, dry_run: bool,
+               calls_left: int | None = None) -> RunReport:
+        return RunReport(app=app, exit_code=exit_code, duration_s=duration, stop_reason=self.stop_reason,
+                         dry_run=dry_run, rendered=self.rendered, knack_calls_remaining=calls_left,
+                         failed_ids=tuple(self.failed_ids), held_ids=tuple(self.held_ids), **self.counts())

@@ -1,64 +1,48 @@
 """One run: plan, deliver in order, report.
 
-settings -> Knack metadata -> ready records -> each record through `delivery.RecordSender` -> summary.
-`SendLoop` delivers with a bounded pool of workers (--workers), and `schedule.Scheduler` decides which records
-may start: different service requests in parallel, the activities of one strictly one after another in
-ascending atd_activity_id order, a failed activity holding back the later ones of its service request. The main
-thread owns the scheduler, the counts, the time budget, the stop signal and the stop on an outage; the workers
-only deliver. Everything the run has to say goes to one `outcomes.Readers`: the log (text or JSON), progress,
-the metrics file and the healthcheck pings all read the same events and the same final `RunReport`.
+settings -> clients -> Knack metadata (metadata_cache.AppMetadata) -> the listing of ready records ->
+dispatch.SendLoop (in 311's order, each record through delivery.RecordSender) -> journal entries Knack settled ->
+summary. Everything the run has to say goes to one `outcomes.Readers`: the log (text or JSON), progress, the
+metrics file and the healthcheck pings all read the same events and the same final `RunReport`.
 """
 
 from __future__ import annotations
 
-import heapq
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
-from zoneinfo import ZoneInfo
+from typing import TextIO
 
-from .delivery import ESBSlots, ESBTrouble, Outcome, RecordSender, Result, when
-from .errors import ConfigError, OutageError, RecordError
+from .delivery import ESBSlots, RecordSender
+from .dispatch import SendLoop, order_key, stop_reason
+from .errors import ConfigError, OutageError
 from .esb import ESBClient
-from .fields import activity_from_record, format_value, resolve_timezone
+from .fields import resolve_timezone
 from .healthcheck import Healthcheck
 from .journal import DONE, Journal, JournalError, RunLock, journal_path, prepare_state_dir
-from .knack import READY_TO_SEND, SENT, AppSchema, KnackClient, KnackHTTPError, app_schema_from
+from .knack import SENT, KnackClient, KnackHTTPError
 from .listing import Listing
 from .logs import EventLog, progress_reader
-from .message import Activity
-from .metadata_cache import MetadataCache, load_or_fetch, missing_from
+from .metadata_cache import AppMetadata
 from .metrics import MetricsFile
 from .outcomes import (
-    COUNT_NAMES,
     ERROR,
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_LOCKED,
     EXIT_OK,
-    FAILED,
-    HELD,
     INFO,
     WARNING,
     Reader,
     Readers,
-    RunReport,
+    Summary,
 )
-from .schedule import Held, HeldReason, ScheduledRecord, Scheduler
 from .settings import Settings
-from .stopping import POLL, Stop
+from .stopping import Stop
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_LOCKED", "EXIT_OK", "Reporting", "run"]
-
-ESB_OUTAGE_AFTER = 3    # records in a row that could not reach the ESB (or got no answer): stop, do not wait out each
-KNACK_OUTAGE_AFTER = 3  # status updates in a row that failed: Knack is down
-REQUIRED_VALUES = ("atd_activity_id", "emi_id", "sr_number")  # 311 cannot place a message without them
-WRAP_UP = 1.0  # seconds kept, after a stop signal, for the summary and the journal's run row
-COUNTS = COUNT_NAMES[1:]
 
 
 @dataclass(frozen=True)
@@ -69,52 +53,6 @@ class Reporting:
     progress_bar: bool = False
     metrics_file: Path | None = None
     healthcheck_url: str | None = None
-
-
-@dataclass
-class Summary:
-    """The run's counts as they grow; `report()` turns them into the RunReport every reader gets."""
-
-    fetched: int = 0
-    sent: int = 0
-    do_not_send: int = 0
-    failed: int = 0
-    held: int = 0
-    deferred: int = 0
-    not_attempted: int = 0
-    skipped: int = 0           # listed by Knack although not READY_TO_SEND: never posted
-    rendered: int = 0
-    stop_reason: str = ""
-    failed_ids: list[str] = field(default_factory=list)
-    held_ids: list[str] = field(default_factory=list)
-
-    def account_for_the_rest(self) -> None:
-        """Every fetched record is in one count: what no count holds yet was not attempted."""
-        rest = self.fetched - self.rendered - sum(getattr(self, name) for name in COUNTS)
-        if rest > 0:
-            self.not_attempted += rest
-
-    def counts(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in COUNT_NAMES}
-
-    def exit_code(self) -> int:
-        trouble = self.failed or self.held or self.not_attempted or self.stop_reason
-        return EXIT_FAILED if trouble else EXIT_OK
-
-    def report(self, app: str, exit_code: int, duration: float, dry_run: bool,
-               calls_left: int | None = None) -> RunReport:
-        return RunReport(app=app, exit_code=exit_code, duration_s=duration, stop_reason=self.stop_reason,
-                         dry_run=dry_run, rendered=self.rendered, knack_calls_remaining=calls_left,
-                         failed_ids=tuple(self.failed_ids), held_ids=tuple(self.held_ids), **self.counts())
-
-
-def _order_key(record: dict, atd_field: str) -> tuple:
-    raw = record.get(f"{atd_field}_raw", record.get(atd_field))
-    text = str(raw).strip() if raw not in (None, "") else ""
-    try:
-        return (0, float(text), "")
-    except ValueError:
-        return (1, 0.0, text)
 
 
 def _readers(settings: Settings, reporting: Reporting, out: TextIO, stop: Stop) -> tuple[Readers, EventLog]:
@@ -177,7 +115,7 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
             _process(settings, knack, esb, journal, readers, out, summary, stop, run_id)
         except OutageError as exc:
             # a call cut short by the stop signal fails like an outage, but the signal is the reason
-            summary.stop_reason = summary.stop_reason or _stop_reason(stop, str(exc))
+            summary.stop_reason = summary.stop_reason or stop_reason(stop, str(exc))
             if stop.stopped:
                 emit("stopped", f"stopped by {stop.signal_name} during: {exc}", level=WARNING)
             else:
@@ -216,10 +154,6 @@ def _knack_said(emit, line: str) -> None:
          level=WARNING if warning else INFO)
 
 
-def _stop_reason(stop: Stop, outage: str) -> str:
-    return f"received {stop.signal_name}" if stop.stopped else outage
-
-
 def _keep_run(journal: Journal | None, run_id: int | None, summary: Summary, exit_code: int, emit,
               reason: str = "") -> None:
     """This run's counts in the journal's runs table (for --report); never changes the run's outcome."""
@@ -235,7 +169,7 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
              readers: Readers, out: TextIO, summary: Summary, stop: Stop, run_id: int | None) -> None:
     app = settings.app
     emit = readers.emit
-    metadata = _Metadata(settings, knack)
+    metadata = AppMetadata(settings, knack)
     schema = metadata.schema()
     missing = [f"{key} ({variable})" for variable, key in app.fields.items()
                if variable != "id" and key not in schema.field_types]
@@ -256,7 +190,7 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
             read = read_page()
         return read.records, read.total_pages, read.total_records
 
-    listing = Listing(fetch, key=lambda r: _order_key(r, app.fields["atd_activity_id"]),
+    listing = Listing(fetch, key=lambda r: order_key(r, app.fields["atd_activity_id"]),
                       log=lambda line: _knack_said(emit, line), sequential=settings.dry_run)
     slots = ESBSlots(settings.esb_in_flight, stop) if esb is not None else None
     sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_slots=slots)
@@ -269,54 +203,6 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
         ready_ids = listing.seen - loop.skipped_ids
         _close_confirmed(journal, knack, settings, ready_ids, emit, stop)
         journal.clear_failures_except(ready_ids)
-
-
-class _Metadata:
-    """The app metadata, from the cache in STATE_DIR when it is fresh and describes the configured view, object
-    and fields (metadata_cache.py), else fetched. A dry run, which keeps no state, always fetches."""
-
-    def __init__(self, settings: Settings, knack: KnackClient):
-        app = settings.app
-        self._knack = knack
-        self._obj, self._view = app.obj, app.view
-        self._fields = [key for variable, key in app.fields.items() if variable != "id"]
-        self._cache = None if settings.dry_run else MetadataCache(settings.state_dir, app.name, settings.knack_app_id)
-        self.from_cache = False
-        self.scene = ""
-
-    def schema(self) -> AppSchema:
-        if self._cache is None:
-            return self._take(self._knack.app_metadata())
-        data, self.from_cache = load_or_fetch(self._cache, self._knack.app_metadata, self._fits)
-        try:
-            return self._take(data)
-        except OutageError:
-            if not self.from_cache:
-                raise
-            return self._fresh()  # a cached copy that cannot be read is no reason to fail
-
-    def refresh(self) -> bool:
-        """Fetch afresh when the schema came from the cache (True); False when it was fresh already."""
-        if not self.from_cache:
-            return False
-        self._fresh()
-        return True
-
-    def _fresh(self) -> AppSchema:
-        self._cache.forget()
-        data, self.from_cache = self._knack.app_metadata(), False
-        schema = self._take(data)
-        if isinstance(data, dict):
-            self._cache.store(data)
-        return schema
-
-    def _fits(self, data: dict) -> bool:
-        return not missing_from(data, view=self._view, obj=self._obj, fields=self._fields)
-
-    def _take(self, data: object) -> AppSchema:
-        schema = app_schema_from(data, self._obj, self._view)
-        self.scene = schema.scene
-        return schema
 
 
 def _close_confirmed(journal: Journal, knack: KnackClient, settings: Settings, ready_ids: set[str], emit,
@@ -350,363 +236,3 @@ def _close_confirmed(journal: Journal, knack: KnackClient, settings: Settings, r
         emit("journal_closed", f"{closed} journal entr{'y' if closed == 1 else 'ies'} closed: Knack confirms {SENT}")
 
 
-@dataclass(frozen=True)
-class _Planned:
-    """A record checked and rendered in the main thread, ready for a worker."""
-
-    activity: Activity
-    for_311: bool       # False: 311 does not want the activity (set DO_NOT_SEND)
-    position: int       # in 311's order over the whole run: among the records free to start, the earliest goes first
-    body: bytes | None = None  # kept for a dry run only: a delivery renders its message again when it starts
-
-
-class _InPlace:
-    """Runs each record at once in the calling thread: a dry run sends nothing, and its printed messages must not
-    interleave."""
-
-    def submit(self, fn: Callable[..., Result], *args) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:  # handed to the loop, as a pool would
-            future.set_exception(exc)
-        return future
-
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        pass
-
-
-class SendLoop:
-    """The ready records in 311's order, N at a time: holds, the stop rules, the counts and each record's failure
-    history. Only the main thread runs this class's methods, except `_one`, which the workers run."""
-
-    def __init__(self, settings: Settings, sender: RecordSender, journal: Journal | None, emit, summary: Summary,
-                 stop: Stop, run_id: int | None, field_types: dict[str, str], tz: ZoneInfo,
-                 esb_slots: ESBSlots | None = None, budget: KnackClient | None = None):
-        self.settings = settings
-        self.budget = budget  # the Knack client: whether the app's daily calls allow another record
-        self.skipped_ids: set[str] = set()
-        self.low_water = 2 * settings.workers  # records waiting to start below which the next page is read
-        self._arrivals = 0
-        self._finished_since_read = 0
-        self.workers = settings.workers
-        self.sender = sender
-        self.journal = journal
-        self.emit = emit
-        self.summary = summary
-        self.stop = stop
-        self.run_id = run_id
-        self.field_types = field_types
-        self.tz = tz
-        self.esb_slots = esb_slots
-        self.unmarked: list[tuple[Activity, Result]] = []
-        self.unreachable_streak = self.no_answer_streak = self.knack_down_streak = 0
-
-    def run(self, listing: Listing, planned: Callable[[int], None] = lambda total: None) -> None:
-        """Deliver the ready records as the listing reads them, page by page."""
-        self._listing, self._planned = listing, planned
-        scheduler = Scheduler()
-        self._leave(self._deliver(scheduler))
-        self._retry_unmarked()
-
-    def _read(self, scheduler: Scheduler, settled: bool) -> None:
-        """The next page: its new records checked, rendered and added to the scheduler. A read that fails stops
-        the run (nothing new starts) while the records in flight finish."""
-        listing = self._listing
-        first = listing.reads == 0
-        try:
-            read = listing.read(settled)
-        except OutageError as exc:
-            self.summary.stop_reason = self.summary.stop_reason or _stop_reason(self.stop, str(exc))
-            if self.stop.stopped:
-                self.emit("stopped", f"stopped by {self.stop.signal_name} during: {exc}", level=WARNING)
-            else:
-                self.emit("outage", str(exc), level=ERROR)
-            return
-        self._finished_since_read = 0
-        skipped = 0
-        for record in read.records:
-            self.summary.fetched += 1
-            if self._skip(record):
-                skipped += 1
-                continue
-            self._plan(scheduler, self._arrivals, record)
-            self._arrivals += 1
-        if first:
-            total = read.total_records if read.total_records is not None else len(read.records)
-            self._planned(max(0, total - skipped))
-        if read.listed_all:
-            scheduler.listed_all()
-        elif read.listed_through is not None:
-            scheduler.listed_through(read.listed_through)
-
-    def _skip(self, record: dict) -> bool:
-        """Knack's view filter is not to be trusted alone (seen: a view answering without applying it): a record
-        that does not say READY_TO_SEND itself is never posted, whatever the listing says."""
-        app = self.settings.app
-        status_key = app.fields["esb_status"]
-        status = _field_text(record, status_key, self.field_types, self.tz)
-        if status is None or status == READY_TO_SEND:
-            return False
-        self.summary.skipped += 1
-        self.skipped_ids.add(str(record.get("id", "")))
-        self.emit("skipped", f"Knack says {status_key} is {status!r}, not {READY_TO_SEND} (the view answered without "
-                  "its filter?); not sent", level=WARNING, record_id=str(record.get("id", "")),
-                  sr_number=_field_text(record, app.fields["sr_number"], self.field_types, self.tz) or "")
-        return True
-
-    def _wants_more(self, scheduler: Scheduler, startable: list, in_flight: dict) -> bool:
-        """Read the next page when the records waiting run low and a record finished since the last read (page 1
-        read again before that would bring nothing new), or when nothing is left to wait for."""
-        if self._listing.complete:
-            return False
-        if scheduler.waiting + len(startable) >= self.low_water:
-            return False
-        return self._finished_since_read > 0 or not in_flight or self._listing.reads == 0
-
-    def _may_start(self, in_flight: int) -> bool:
-        """Whether the app's daily Knack budget allows one more record (its status update) and leaves the reserve
-        for the app's other users. No: the run stops starting records, loudly."""
-        may = getattr(self.budget, "may_start_record", None)
-        if may is None or may(in_flight=in_flight):
-            return True
-        if not self.summary.stop_reason:
-            budget = self.budget.plan_budget()
-            self.summary.stop_reason = "the app's daily Knack API budget is down to its reserve"
-            self.emit("daily_budget", f"the app's daily Knack API budget is down to the calls kept for its other "
-                      f"users ({budget.describe()}); no new record starts, the rest wait for the next run after "
-                      "the reset (or set KNACK_PLAN_RESERVE lower)", level=ERROR)
-        return False
-
-    def _plan(self, scheduler: Scheduler, position: int, record: dict) -> None:
-        """Read, check and render one record; one that cannot go is reported now and still holds its SR's later
-        activities (the scheduler holds them once its turn comes)."""
-        app = self.settings.app
-        record_id = str(record.get("id", ""))
-        key = _order_key(record, app.fields["atd_activity_id"])
-        try:
-            activity = activity_from_record(record, app.fields, self.field_types, self.tz)
-        except RecordError as exc:
-            sr = _field_text(record, app.fields["sr_number"], self.field_types, self.tz) or ""
-            self._fail(f"{exc}: correct the record in Knack", record_id, sr)
-            scheduler.add(record_id, sr, key, failed=True)
-            return
-        blank = [f"{name} ({app.fields[name]})" for name in REQUIRED_VALUES if not getattr(activity, name)]
-        if blank:
-            self._fail(f"required value blank: {', '.join(blank)}: fill it in in Knack; the next run sends the "
-                       "record", record_id, activity.sr_number, activity)
-            scheduler.add(record_id, activity.sr_number, key, failed=True)
-            return
-        try:
-            body = self.sender.render(activity)
-        except RecordError as exc:
-            self._fail(str(exc), record_id, activity.sr_number, activity)
-            scheduler.add(record_id, activity.sr_number, key, failed=True)
-            return
-        try:
-            delivered = not self.settings.dry_run and self.sender.unchanged_delivery(activity, body)
-        except JournalError:
-            delivered = False  # nothing starts: the loop stops on journal.failure
-        planned = _Planned(activity, body is not None, position, body if self.settings.dry_run else None)
-        scheduler.add(record_id, activity.sr_number, key, planned, already_delivered=delivered)
-
-    def _deliver(self, scheduler: Scheduler) -> int:
-        """Start what the scheduler allows, at most `workers` at once, until done or stopping; returns the number
-        of records that were not started."""
-        pool = _InPlace() if self.settings.dry_run else ThreadPoolExecutor(self.workers, "knack311-deliver")
-        startable: list[tuple[Any, int, ScheduledRecord]] = []  # handed out by the scheduler, waiting for a worker
-        in_flight: dict[Future, ScheduledRecord] = {}
-        not_started = 0
-        told = abandoned = False
-        try:
-            while True:
-                if not self._stopping() and self._wants_more(scheduler, startable, in_flight):
-                    self._read(scheduler, settled=not in_flight)
-                if not self._stopping():
-                    for record in scheduler.ready():
-                        heapq.heappush(startable, (record.order_key, record.payload.position, record))
-                    self._held(scheduler.take_held())
-                    while startable and len(in_flight) < self.workers and self._may_start(len(in_flight)):
-                        record = heapq.heappop(startable)[2]
-                        in_flight[pool.submit(self._one, record.payload)] = record
-                elif in_flight and self.stop.stopped:
-                    if not told:
-                        told = True
-                        self.emit("stopping", f"{self.stop.signal_name} received: starting nothing new; waiting for "
-                                  f"the {len(in_flight)} record(s) in flight", level=WARNING)
-                    if self.stop.clock() >= self.stop.exit_by() - WRAP_UP:
-                        self._abandon(in_flight.values())
-                        abandoned = True
-                        break
-                if not in_flight:
-                    if self._stopping() or self._listing.complete:
-                        break
-                    if not startable and not self._wants_more(scheduler, startable, in_flight):
-                        break  # defensive: nothing can start and nothing more would be read
-                    continue
-                finished, _ = wait(in_flight, timeout=POLL, return_when=FIRST_COMPLETED)
-                for future in sorted(finished, key=lambda f: in_flight[f].payload.position):
-                    record = in_flight.pop(future)
-                    self._finished_since_read += 1
-                    result = future.result()
-                    # a record the ESB has is not a failure for 311's order, even if its status update failed
-                    scheduler.done(record.record_id, failed=result.outcome in (Outcome.FAILED, Outcome.NOT_STARTED)
-                                   and not result.esb_has_it)
-                    if result.outcome is Outcome.NOT_STARTED:
-                        not_started += 1
-                    else:
-                        self._count(record.payload.activity, result)
-        finally:
-            # after a stop signal, the workers' calls end within the stop grace (stopping.Stop.call) on their own
-            pool.shutdown(wait=not abandoned, cancel_futures=True)
-        return scheduler.waiting + len(startable) + not_started
-
-    def _one(self, planned: _Planned) -> Result:
-        """One record, in a worker thread (it touches no count: the main thread reads the Result)."""
-        if not self.stop.work_time_left():
-            return Result(Outcome.NOT_STARTED)
-        activity = planned.activity
-        try:
-            if self.settings.dry_run:
-                return self.sender.dry_run(activity, planned.body)
-            # rendered again: the header's timestamp is the publication time, not the time the record was read
-            body = self.sender.render(activity) if planned.for_311 else None
-            return self.sender.deliver(activity, body)
-        except (JournalError, RecordError) as exc:
-            return Result(Outcome.FAILED, str(exc))
-
-    def _stopping(self) -> bool:
-        """True once no new record may start: a stop signal, an outage, a failed journal or the time budget."""
-        summary = self.summary
-        if self.journal is not None and self.journal.failure and not summary.stop_reason and not self.stop.stopped:
-            summary.stop_reason = self.journal.failure
-        stopping = self.stop.stopped or bool(summary.stop_reason) or not self.stop.work_time_left()
-        if stopping and self.esb_slots is not None:
-            self.esb_slots.close()  # a worker waiting for an ESB slot gives up rather than post
-        return stopping
-
-    def _leave(self, left: int) -> None:
-        """The records this run did not start: for the next run."""
-        if not left:
-            return
-        summary = self.summary
-        if self.stop.stopped:
-            summary.not_attempted += left
-            self.emit("stopping", f"{self.stop.signal_name} received: {left} record(s) left for the next run",
-                      level=WARNING)
-        elif summary.stop_reason or self.stop.work_time_left():
-            summary.not_attempted += left
-        else:
-            summary.deferred += left
-            self.emit("deferred", f"time budget of {self.settings.max_runtime:g}s used: {left} record(s) deferred "
-                      "to the next run")
-
-    def _abandon(self, records) -> None:
-        """Records still in flight when the process must end: their journal entries (`sending` or `delivered`)
-        tell the next run what to do; the summary counts them as not attempted."""
-        for record in records:
-            self.emit("abandoned", "still in flight when the run had to end: the journal tells the next run "
-                      "whether to send it again", level=WARNING, record=record.payload.activity)
-
-    def _held(self, held: list[Held]) -> None:
-        for item in held:
-            activity = item.record.payload.activity
-            self.summary.held += 1
-            self.summary.held_ids.append(activity.record_id)
-            reason = item.reason.value if item.reason is HeldReason.AFTER_FAILURE else (
-                "a later activity of this service request was already sent in this run")
-            self.emit(HELD, f"{reason}; kept for a later run to keep 311's order", level=WARNING, record=activity)
-
-    def _count(self, activity: Activity, result: Result) -> None:
-        summary = self.summary
-        if result.outcome is Outcome.SENT:
-            summary.sent += 1
-            self._clear_failure(activity.record_id)
-        elif result.outcome is Outcome.DO_NOT_SEND:
-            summary.do_not_send += 1
-            self._clear_failure(activity.record_id)
-        elif result.outcome is Outcome.RENDERED:
-            summary.rendered += 1
-        elif result.outcome is Outcome.UNMARKED:
-            self.unmarked.append((activity, result))
-            self.emit("unmarked", f"{result.reason}; will retry before the run ends", level=WARNING, record=activity)
-        else:
-            self._fail(result.reason, activity.record_id, activity.sr_number, activity)
-
-        # Each streak counts what its stop line says: "cannot be reached" only failures where the request never
-        # reached the ESB, "not answering" only those whose outcome is unknown.
-        self.unreachable_streak = self.unreachable_streak + 1 if result.esb is ESBTrouble.UNREACHABLE else 0
-        self.no_answer_streak = self.no_answer_streak + 1 if result.esb is ESBTrouble.NO_ANSWER else 0
-        self.knack_down_streak = self.knack_down_streak + 1 if result.outcome is Outcome.UNMARKED else 0
-        if self.stop.stopped or summary.stop_reason:
-            return
-        if self.journal is not None and self.journal.failure:
-            summary.stop_reason = self.journal.failure
-        elif result.esb_lasting:
-            summary.stop_reason = "the ESB cannot be reached"
-        elif self.unreachable_streak >= ESB_OUTAGE_AFTER:
-            summary.stop_reason = f"the ESB cannot be reached ({self.unreachable_streak} records in a row)"
-        elif self.no_answer_streak >= ESB_OUTAGE_AFTER:
-            summary.stop_reason = (f"the ESB is not answering ({self.no_answer_streak} records in a row whose "
-                                   "outcome is unknown; the next run sends them again with a warning)")
-        elif self.knack_down_streak >= KNACK_OUTAGE_AFTER:
-            summary.stop_reason = f"Knack status updates keep failing ({self.knack_down_streak} in a row)"
-
-    def _retry_unmarked(self) -> None:
-        """One more try for the status updates that failed: the ESB has these messages, so they are not resent.
-
-        Not after a signal, past the budget or with Knack down: the journal lets the next run do it.
-        """
-        retry_now = self.stop.work_time_left() and self.knack_down_streak < KNACK_OUTAGE_AFTER
-        for activity, result in self.unmarked:
-            if retry_now:
-                result = self.sender.mark(activity, result.status)
-            if result.outcome is Outcome.SENT:
-                self.summary.sent += 1
-                self._clear_failure(activity.record_id)
-            elif result.outcome is Outcome.DO_NOT_SEND:
-                self.summary.do_not_send += 1
-                self._clear_failure(activity.record_id)
-            else:
-                if result.status != SENT:
-                    left_for = "the next run retries"
-                elif self.journal is not None and self.journal.failure:
-                    left_for = ("the ESB has the message but the journal could not record it: the next run "
-                                "sends it again")
-                else:
-                    left_for = "the next run sets it without resending"
-                self._fail(f"{result.reason}; {left_for}", activity.record_id, activity.sr_number, activity)
-
-    def _fail(self, reason: str, record_id: str, sr: str, activity: Activity | None = None) -> None:
-        self.summary.failed += 1
-        self.summary.failed_ids.append(record_id)
-        history = ""
-        if self.journal is not None and self.run_id is not None and not self.journal.failure:
-            try:
-                failure = self.journal.record_failure(record_id, sr, reason, self.run_id)
-            except JournalError:
-                pass  # the loop stops on journal.failure
-            else:
-                if failure.runs > 1:
-                    history = f" (failing since {when(failure.first_failed)}, in {failure.runs} runs)"
-        if activity is not None:
-            self.emit(FAILED, f"{reason}{history}", level=ERROR, record=activity)
-        else:
-            self.emit(FAILED, f"{reason}{history}", level=ERROR, record_id=record_id, sr_number=sr)
-
-    def _clear_failure(self, record_id: str) -> None:
-        if self.journal is not None and not self.journal.failure:
-            try:
-                self.journal.clear_failure(record_id)
-            except JournalError:
-                pass  # the loop stops on journal.failure
-
-
-def _field_text(record: dict, key: str, field_types: dict[str, str], tz: ZoneInfo) -> str | None:
-    """One field of a record that may not be readable whole, as text (None if absent or unreadable)."""
-    if key not in record and f"{key}_raw" not in record:
-        return None
-    try:
-        return format_value(record.get(f"{key}_raw", record.get(key)), field_types.get(key, ""), tz).strip()
-    except RecordError:
-        return None

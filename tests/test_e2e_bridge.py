@@ -471,6 +471,7 @@ def test_a_real_run_over_several_pages_sends_every_record_once_while_the_pages_s
     assert first_put < max(i for i, kind in enumerate(request_kinds(knack)) if kind == "records")  # page by page
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("knack", [{"rate_limit": 10.0}], indirect=True, ids=["knack-10-per-second"])
 def test_default_pacing_stays_under_knacks_limit(bridge, knack, esb, seed):
     seeded = seed(30)
@@ -478,7 +479,11 @@ def test_default_pacing_stays_under_knacks_limit(bridge, knack, esb, seed):
     assert result.returncode == 0, result.output
     assert statuses(knack) == {r["id"]: "SENT" for r in seeded}
     assert set(esb.copies().values()) == {1} and len(esb.copies()) == 30
-    assert [r.status for r in knack.request_log if r.status == 429] == []
+    # Evenly spaced starts at 9.5/s keep Knack's count for any second at 10 or less while arrivals shift by under
+    # 50 ms; on a loaded machine a request can reach the simulator later than that and share a second with the
+    # next one. One such 429 is the machine's noise (the pacer then waits out the second); a pacer faster than
+    # Knack's limit draws one in nearly every second of this 3-second run.
+    assert len([r for r in knack.request_log if r.status == 429]) <= 1
 
 
 # ----- 6. Knack 429 and 5xx ------------------------------------------------------------------------------------

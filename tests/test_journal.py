@@ -393,7 +393,7 @@ def layout(path: Path) -> tuple[int, dict[str, list[str]]]:
 
 def test_a_new_journal_gets_the_current_layout(journal, journal_path):
     version, tables = layout(journal_path)
-    assert version == LAYOUT_VERSION == 1
+    assert version == LAYOUT_VERSION == 2
     assert tables == {name: list(columns) for name, columns in LAYOUT.items()}
 
 
@@ -406,15 +406,38 @@ def test_the_shipped_layout_is_upgraded_in_place_keeping_every_entry(journal_pat
     j = Journal(journal_path)
     try:
         assert j.get("rec1") == Entry("rec1", DELIVERED, "EMI-1", "", 1700000000.0, "")
-        assert j.get("rec2").state == SENDING and j.get("rec2").note == ""
+        assert j.get("rec2").state == SENDING and j.get("rec2").note == "" and j.get("rec2").posts == 1
         assert j.get("rec3").state == DONE
         j.record_failure("rec4", "20-1", "why", run_id=j.start_run())  # the new tables work
     finally:
         j.close()
     version, tables = layout(journal_path)
-    assert version == 1
+    assert version == 2
     assert tables == {name: list(columns) for name, columns in LAYOUT.items()}
     Journal(journal_path).close()  # and opens again as the current layout
+
+
+def test_layout_1_is_upgraded_in_place_an_entry_in_doubt_counting_one_post(journal_path):
+    j = Journal(journal_path)
+    j.set("rec1", DELIVERED, "EMI-1", "h1")
+    j.set("rec2", SENDING, "EMI-2", "h2", note="timed out")
+    j.record_failure("rec3", "20-1", "why", run_id=j.start_run())
+    j.close()
+    db = sqlite3.connect(str(journal_path))  # back to layout 1: as the previous version left it
+    with db:
+        db.execute("ALTER TABLE deliveries DROP COLUMN checked")
+        db.execute("ALTER TABLE deliveries DROP COLUMN posts")
+        db.execute("PRAGMA user_version = 1")
+    db.close()
+
+    j = Journal(journal_path)
+    try:
+        assert (j.get("rec1").state, j.get("rec1").posts, j.get("rec1").checked) == (DELIVERED, 0, 0.0)
+        assert (j.get("rec2").state, j.get("rec2").note, j.get("rec2").posts) == (SENDING, "timed out", 1)
+        assert [f.record_id for f in j.failures()] == ["rec3"]
+    finally:
+        j.close()
+    assert layout(journal_path) == (2, {name: list(columns) for name, columns in LAYOUT.items()})
 
 
 @pytest.mark.parametrize("statements, version, named", [

@@ -331,7 +331,7 @@ def test_a_journal_of_the_shipped_layout_is_upgraded_and_its_deliveries_honoured
     assert statuses(knack) == {r["id"]: SENT for r in records}
     db = sqlite3.connect(str(state_dir / JOURNAL_NAME))
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     finally:
         db.close()
     assert set(journal_states(state_dir).values()) == {"done"}
