@@ -2,15 +2,15 @@
 
 Each journal state is committed before the next network step, so a run killed at any point leaves an exact
 account for the next run (see journal.py). The unit has one outcome, a `Result`; it knows nothing of order,
-holds or budgets (run.py and schedule.py do), so it can run in a pool of workers. `ESBSlots` bounds the ESB
-POSTs in flight across those workers.
+holds or budgets (dispatch.py and schedule.py do), so it can run in a pool of workers. `limiter.ESBGate` bounds
+the ESB POSTs in flight across those workers, and learns from each POST's latency and outcome.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import enum
-import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
@@ -20,12 +20,14 @@ from .errors import OutageError, RecordError
 from .esb import ESBClient, ESBUncertain, ESBUnreachable
 from .journal import DELIVERED, DONE, SENDING, Journal, JournalError, message_hash
 from .knack import DO_NOT_SEND, SENT, KnackClient
+from .limiter import ESBGate
+from .limiter import Outcome as LimitOutcome
 from .message import Activity, NotFor311, message_values, render_message
 from .outcomes import DO_NOT_SEND as DO_NOT_SEND_EVENT
 from .outcomes import ERROR, INFO, WARNING
 from .outcomes import SENT as SENT_EVENT
 from .settings import Settings
-from .stopping import POLL, Stop
+from .stopping import Stop
 
 
 class Outcome(enum.Enum):
@@ -58,36 +60,20 @@ def when(timestamp: float) -> str:
 
 
 Emit = Callable[..., None]  # outcomes.Readers.emit
+TIMED_OUT_SHARE = 0.9  # a failed POST that took this share of ESB_TIMEOUT or more ran out of time
 
 
-class ESBSlots:
-    """At most `size` ESB POSTs in flight at once, whatever the number of workers (ESB_MAX_IN_FLIGHT).
-
-    A worker waiting for a slot gives up once the run starts no new record (a stop signal, the time budget, or
-    `close()` on an outage): a POST that has not begun must not begin then.
-    """
-
-    def __init__(self, size: int, stop: Stop):
-        self._slots = threading.BoundedSemaphore(size)
-        self._stop = stop
-        self._closed = threading.Event()
-
-    def take(self) -> bool:
-        """Wait for a slot; False (and no slot) when the run stopped starting records meanwhile."""
-        while not self._closed.is_set() and self._stop.work_time_left():
-            if self._slots.acquire(timeout=POLL):
-                if self._closed.is_set() or not self._stop.work_time_left():
-                    self._slots.release()
-                    return False
-                return True
-        return False
-
-    def give_back(self) -> None:
-        self._slots.release()
-
-    def close(self) -> None:
-        """No new POST from now on (the run is stopping)."""
-        self._closed.set()
+def _limiter_outcome(exc: ESBUnreachable, latency: float, timeout: float) -> LimitOutcome:
+    """What a failed POST tells the concurrency limit."""
+    if isinstance(exc, ESBUncertain):
+        if exc.by_signal:
+            return LimitOutcome.STOPPED
+        # a POST waits ESB_TIMEOUT for its answer (the socket's read timeout and the stoppable call's alike)
+        if latency >= TIMED_OUT_SHARE * timeout:
+            return LimitOutcome.TIMEOUT
+        # the rest came quickly: a gateway's or the ESB's 5xx, or a connection that broke after the request
+        return LimitOutcome.SERVER_ERROR if " answered HTTP 5" in str(exc) else LimitOutcome.DROPPED
+    return LimitOutcome.UNREACHABLE
 
 
 class RecordSender:
@@ -95,9 +81,9 @@ class RecordSender:
     the journal is (it serialises its own writes)."""
 
     def __init__(self, settings: Settings, knack: KnackClient, esb: ESBClient | None, journal: Journal | None,
-                 tz: ZoneInfo, emit: Emit, out: TextIO, stop: Stop, esb_slots: ESBSlots | None = None):
+                 tz: ZoneInfo, emit: Emit, out: TextIO, stop: Stop, esb_gate: ESBGate | None = None):
         self.settings = settings
-        self.esb_slots = esb_slots
+        self.esb_gate = esb_gate
         self.knack = knack
         self.esb = esb
         self.journal = journal
@@ -153,8 +139,11 @@ class RecordSender:
             self.emit("already_delivered", "ESB already accepted this message in an earlier run: setting SENT "
                       "without resending", record=activity)
             return self.mark(activity, SENT, esb_has_it=True)
-        if self.esb_slots is not None and not self.esb_slots.take():
+        ticket = self.esb_gate.take() if self.esb_gate is not None else None
+        if self.esb_gate is not None and ticket is None:
             return Result(Outcome.NOT_STARTED)
+        posted = time.monotonic()
+        how = LimitOutcome.STOPPED  # until the POST ends: nothing learnt from a POST that never went
         try:
             if entry is not None and entry.state == DELIVERED:
                 self.emit("corrected_resend", f"the record changed since the ESB accepted its message "
@@ -167,11 +156,16 @@ class RecordSender:
                 self.emit("resend_in_doubt", f"{why}: sending again, 311 may receive it twice", level=WARNING,
                           record=activity)
             self.journal.set(record_id, SENDING, activity.emi_id, digest)
+            posted = time.monotonic()
             delivery = self.esb.deliver(body)
+            # answers after retries of 503/429/408 say the ESB is busy, whatever came last
+            how = LimitOutcome.ANSWERED if delivery.attempts == 1 else LimitOutcome.SERVER_ERROR
         except RecordError as exc:
+            how = LimitOutcome.ANSWERED  # rejected, but answered: its latency counts
             self.journal.forget(record_id)  # rejected: the ESB does not have it
             return Result(Outcome.FAILED, f"{exc}: fix what the ESB names, then the next run sends it again")
         except ESBUncertain as exc:
+            how = _limiter_outcome(exc, time.monotonic() - posted, self.settings.esb_timeout)
             # stays "sending": the outcome is unknown; the note tells the next run why
             # the signal is the reason only when it cut this POST short, not when it merely came meanwhile
             note = (f"this run was stopped by {self.stop.signal_name} before the ESB answered"
@@ -179,11 +173,13 @@ class RecordSender:
             self.journal.set(record_id, SENDING, note=note)
             return Result(Outcome.FAILED, str(exc), esb=ESBTrouble.NO_ANSWER)
         except ESBUnreachable as exc:
+            how = _limiter_outcome(exc, time.monotonic() - posted, self.settings.esb_timeout)
             self.journal.forget(record_id)  # never reached the ESB
             return Result(Outcome.FAILED, str(exc), esb=ESBTrouble.UNREACHABLE, esb_lasting=exc.lasting)
         finally:
-            if self.esb_slots is not None:
-                self.esb_slots.give_back()  # the POST is over; the Knack update does not hold an ESB slot
+            if self.esb_gate is not None and ticket is not None:
+                # the POST is over; the Knack update does not hold an ESB slot
+                self.esb_gate.give_back(ticket, time.monotonic() - posted, how)
         accepted = f"delivered to ESB (HTTP {delivery.status}, attempt {delivery.attempts})"
         try:
             self.journal.set(record_id, DELIVERED)

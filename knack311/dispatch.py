@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from .delivery import ESBSlots, ESBTrouble, Outcome, RecordSender, Result, when
+from .delivery import ESBTrouble, Outcome, RecordSender, Result, when
 from .errors import OutageError, RecordError
 from .fields import activity_from_record, format_value
 from .journal import Journal, JournalError
 from .knack import READY_TO_SEND, SENT, KnackClient
+from .limiter import ESBGate
 from .listing import Listing
 from .message import Activity
 from .outcomes import ERROR, FAILED, HELD, WARNING, Summary
@@ -79,14 +80,14 @@ class SendLoop:
 
     def __init__(self, settings: Settings, sender: RecordSender, journal: Journal | None, emit, summary: Summary,
                  stop: Stop, run_id: int | None, field_types: dict[str, str], tz: ZoneInfo,
-                 esb_slots: ESBSlots | None = None, budget: KnackClient | None = None):
+                 esb_gate: ESBGate | None = None, budget: KnackClient | None = None):
         self.settings = settings
         self.budget = budget  # the Knack client: whether the app's daily calls allow another record
         self.skipped_ids: set[str] = set()
-        self.low_water = 2 * settings.workers  # records waiting to start below which the next page is read
+        self.low_water = 2 * settings.pool_size  # records waiting to start below which the next page is read
         self._arrivals = 0
         self._finished_since_read = 0
-        self.workers = settings.workers
+        self.workers = settings.pool_size
         self.sender = sender
         self.journal = journal
         self.emit = emit
@@ -95,7 +96,7 @@ class SendLoop:
         self.run_id = run_id
         self.field_types = field_types
         self.tz = tz
-        self.esb_slots = esb_slots
+        self.esb_gate = esb_gate
         self.unmarked: list[tuple[Activity, Result]] = []
         self.unreachable_streak = self.no_answer_streak = self.knack_down_streak = 0
 
@@ -278,8 +279,8 @@ class SendLoop:
         if self.journal is not None and self.journal.failure and not summary.stop_reason and not self.stop.stopped:
             summary.stop_reason = self.journal.failure
         stopping = self.stop.stopped or bool(summary.stop_reason) or not self.stop.work_time_left()
-        if stopping and self.esb_slots is not None:
-            self.esb_slots.close()  # a worker waiting for an ESB slot gives up rather than post
+        if stopping and self.esb_gate is not None:
+            self.esb_gate.close()  # a worker waiting for an ESB slot gives up rather than post
         return stopping
 
     def _leave(self, left: int) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .delivery import ESBSlots, RecordSender
+from .delivery import RecordSender
 from .dispatch import SendLoop, order_key, stop_reason
 from .errors import ConfigError, OutageError
 from .esb import ESBClient
@@ -23,11 +23,13 @@ from .fields import resolve_timezone
 from .healthcheck import Healthcheck
 from .journal import DONE, Journal, JournalError, RunLock, journal_path, prepare_state_dir
 from .knack import SENT, KnackClient, KnackHTTPError
+from .limiter import ConcurrencyLimit, ESBGate
 from .listing import Listing
 from .logs import EventLog, progress_reader
 from .metadata_cache import AppMetadata
 from .metrics import MetricsFile
 from .outcomes import (
+    DEBUG,
     ERROR,
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -106,7 +108,7 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
         if not settings.dry_run:
             esb = ESBClient(settings.esb_endpoint, cert=str(settings.esb_cert), key=str(settings.esb_key),
                             key_password=settings.esb_key_password, verify=settings.esb_verify,
-                            timeout=settings.esb_timeout, stop=stop)
+                            timeout=settings.esb_timeout, stop=stop, connections=settings.esb_in_flight)
         knack = KnackClient(settings.knack_api_url, settings.knack_app_id, settings.knack_api_key,
                             timeout=settings.esb_timeout, max_rps=settings.knack_max_rps,
                             plan_reserve=settings.knack_plan_reserve, stop=stop,
@@ -192,17 +194,32 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
 
     listing = Listing(fetch, key=lambda r: order_key(r, app.fields["atd_activity_id"]),
                       log=lambda line: _knack_said(emit, line), sequential=settings.dry_run)
-    slots = ESBSlots(settings.esb_in_flight, stop) if esb is not None else None
-    sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_slots=slots)
+    gate = _esb_gate(settings, stop, emit) if esb is not None else None
+    sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_gate=gate)
     loop = SendLoop(settings, sender, journal, emit, summary, stop, run_id, schema.field_types, tz,
-                    esb_slots=slots, budget=knack)
-    loop.run(listing, readers.planned)
+                    esb_gate=gate, budget=knack)
+    try:
+        loop.run(listing, readers.planned)
+    finally:
+        if gate is not None:
+            summary.esb_in_flight = gate.used()
 
     if journal is not None and listing.complete and not stop.stopped:
         # only a complete listing tells which records are no longer ready
         ready_ids = listing.seen - loop.skipped_ids
         _close_confirmed(journal, knack, settings, ready_ids, emit, stop)
         journal.clear_failures_except(ready_ids)
+
+
+def _esb_gate(settings: Settings, stop: Stop, emit) -> ESBGate:
+    """The ESB POSTs' slots: adaptive (limiter.py) up to ESB_MAX_IN_FLIGHT, or fixed by --workers."""
+    def changed(old: int, new: int, why: str) -> None:
+        emit("esb_in_flight", f"ESB POSTs in flight at most: {old} -> {new} ({why})", level=DEBUG,
+             esb_in_flight=new)
+
+    limit = ConcurrencyLimit(settings.esb_in_flight, adaptive=settings.adaptive,
+                             rate_ceiling=settings.knack_max_rps, timeout=settings.esb_timeout, on_change=changed)
+    return ESBGate(limit, stop)
 
 
 def _close_confirmed(journal: Journal, knack: KnackClient, settings: Settings, ready_ids: set[str], emit,
