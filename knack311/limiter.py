@@ -71,7 +71,6 @@ class Outcome(enum.Enum):
 class Ticket:
     """One POST, from `start` to `finish`."""
 
-    started: float   # the limit's clock
     in_flight: int   # POSTs in flight with this one
     round: int       # the limit's decisions so far: an answer judges the limit it started under
 
@@ -129,7 +128,7 @@ class ConcurrencyLimit:
         self._in_flight += 1
         if self._in_flight >= self.limit:
             self._saturated = True
-        return Ticket(self._clock(), self._in_flight, self._decisions)
+        return Ticket(self._in_flight, self._decisions)
 
     def finish(self, ticket: Ticket, latency: float, outcome: Outcome) -> None:
         """A POST ended after `latency` seconds, with `outcome`."""
@@ -169,7 +168,7 @@ class ConcurrencyLimit:
     def _slow_start(self, ticket: Ticket, latency: float) -> None:
         """Every answer without queueing adds SLOW_START_STEP POSTs (the limit grows by that factor plus one
         per round trip); the first that queued ends slow start."""
-        waiting = ticket.in_flight * (1.0 - self._lows[0][1] / latency) if latency > 0 else 0.0
+        waiting = ticket.in_flight * self._waited(latency)
         if waiting >= max(QUEUE_HIGH, QUEUE_HIGH_SHARE * ticket.in_flight):
             self._slow_start_until = 0.0
             # the ESB began to queue with this POST: back to what it took without a queue
@@ -189,7 +188,7 @@ class ConcurrencyLimit:
         # unloaded latency was spent waiting.
         in_flight = sum(n for n, _ in self._round) / len(self._round)
         latency = sum(t for _, t in self._round) / len(self._round)
-        queued = in_flight * (1.0 - self._lows[0][1] / latency) if latency > 0 else 0.0
+        queued = in_flight * self._waited(latency)
         if queued >= max(QUEUE_HIGH, QUEUE_HIGH_SHARE * in_flight):
             self._slow_start_until = 0.0  # the ESB's capacity is near: grow slowly from now on
             self._decide(min(self._limit - 1, in_flight - queued),
@@ -198,6 +197,11 @@ class ConcurrencyLimit:
             self._decide(self._limit + GROWTH, "answers without queueing")
         else:
             self._decide(self._limit, "")
+
+    def _waited(self, latency: float) -> float:
+        """The share of `latency` spent waiting rather than being served (Little's law with the minimum latency as
+        the time served)."""
+        return 1.0 - self._lows[0][1] / latency if latency > 0 else 0.0
 
     def _observe(self, latency: float, now: float) -> None:
         lows = self._lows
