@@ -39,7 +39,6 @@ from knack311.resend import record_ids, resend  # noqa: E402
 from knack311.run import EXIT_CONFIG, Reporting, run  # noqa: E402
 from knack311.settings import (  # noqa: E402
     DEFAULT_MAX_RUNTIME,
-    DEFAULT_WORKERS,
     MAX_WORKERS,
     PROJECT_ROOT,
     load_app,
@@ -99,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                            "waiting; sends no message and changes nothing. Exit 0 when nothing FAILs, else 2")
     parser.add_argument("--max-runtime", type=seconds, default=DEFAULT_MAX_RUNTIME, metavar="SECONDS",
                         help=f"start no new record after this many seconds (default {DEFAULT_MAX_RUNTIME:g})")
-    parser.add_argument("--workers", type=workers, default=DEFAULT_WORKERS, metavar="N",
-                        help=f"records delivered at once, each service request's activities still one after another "
-                             f"in order (default {DEFAULT_WORKERS}; 1 sends one record at a time)")
+    parser.add_argument("--workers", type=workers, default=None, metavar="N",
+                        help="a fixed number of records delivered at once, each service request's activities still "
+                             "one after another in order (1 sends one record at a time). Default: the ESB POSTs in "
+                             "flight follow the ESB's answers, up to ESB_MAX_IN_FLIGHT")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default=None,
                         help="text (default) or json: one JSON object per line (or LOG_FORMAT=json)")
     parser.add_argument("--progress", action="store_true",

@@ -8,11 +8,15 @@ The real command (send_esb_message.py, a subprocess) runs against the loopback s
 2. throughput: a backlog of N records over N/3 service requests, 200 ms latency on Knack and on the ESB, Knack's
                10 requests/second limit on; `--workers 1` and the default in the same invocation (when the
                program has --workers; otherwise its one mode). One line per mode.
-3. scaling:    the default mode over growing backlogs (100, 1,000, 10,000), no latency: time and memory per
+3. ESB pace:   a backlog of N records, 4 per service request, Knack answering in 200 ms with its 10/s limit on,
+               against ESBs answering in 0.2, 1.0, 1.5 and 3.0 s and one that works on 4 messages at once (1.0 s
+               each) and queues the rest: records/s, peak POSTs in flight, the limits the run used, duplicates,
+               Knack's 429s and the ESB's 90th-percentile queue wait; with the default settings and `--workers 8`.
+4. scaling:    the default mode over growing backlogs (100, 1,000, 10,000), no latency: time and memory per
                record. Knack's rate limit is off here (and KNACK_MAX_RPS at its maximum, 50) so the figures show the
                program's own cost; --scale-with-rate-limit keeps it on.
-4. idle:       runs with nothing to send, the second with the metadata cache warm: Knack requests per run.
-5. fetch:      a dry run over a large backlog: duration and peak memory.
+5. idle:       runs with nothing to send, the second with the metadata cache warm: Knack requests per run.
+6. fetch:      a dry run over a large backlog: duration and peak memory.
 Every backlog run also checks what the ESB and Knack ended with (each record accepted once and SENT, 311's order
 per service request), so a figure never comes from a run that went wrong unnoticed.
 """
@@ -62,6 +66,9 @@ class Measured:
     peak_kib: int
     summary: str
     problems: list[str]
+    peak_in_flight: int = 0
+    duplicates: int = 0
+    queue_wait_p90: float = 0.0
 
     @property
     def per_second(self) -> float:
@@ -80,11 +87,11 @@ def bench_render(count: int) -> None:
           f"({elapsed / count * 1e6:.0f} us each, with the lxml parse check)\n")
 
 
-def seed(knack: KnackSimulator, count: int) -> dict[str, tuple[str, int]]:
-    """`count` ready records over count/3 service requests, the activities of one SR spread over the backlog
+def seed(knack: KnackSimulator, count: int, per_sr: int = 3) -> dict[str, tuple[str, int]]:
+    """`count` ready records over count/per_sr service requests, the activities of one SR spread over the backlog
     (as after an outage). Returns record id -> (SR number, atd_activity_id)."""
     config = CONFIG[APP]
-    srs = [n // 3 for n in range(count)]
+    srs = [n // per_sr for n in range(count)]
     random.Random(311).shuffle(srs)
     plan = {f"bench{n:019d}": (f"24-{srs[n - 1]:08d}", n) for n in range(1, count + 1)}
     knack.add_records(config["obj"], [
@@ -168,19 +175,24 @@ def check_outcome(plan: dict[str, tuple[str, int]], knack: KnackSimulator, esb: 
 
 
 def backlog_run(label: str, count: int, latency: float, rate_limit: float | None, pki, tmp: Path, args: list[str],
+                *, esb_latency: float | None = None, capacity: int | None = None, per_sr: int = 3,
                 **env_extra: str) -> Measured:
+    """One run of the real program over a fresh backlog; `latency` on Knack (and on the ESB unless `esb_latency`)."""
     with make_knack(rate_limit=rate_limit) as knack, \
             ESBSimulator(server_cert=pki.server_cert, server_key=pki.server_key,
                          client_ca_bundle=pki.client_ca_bundle) as esb:
-        knack.latency = esb.latency = latency
-        plan = seed(knack, count)
+        knack.latency = latency
+        esb.latency = latency if esb_latency is None else esb_latency
+        esb.capacity = capacity
+        plan = seed(knack, count, per_sr)
         state = Path(tempfile.mkdtemp(prefix="state-", dir=tmp))
         code, stdout, elapsed, peak = run_program(program_env(knack, esb, pki, state, **env_extra),
                                                   "--max-runtime", f"{BUDGET:g}", *args)
         log = knack.request_log
         return Measured(label, count, code, elapsed, len(esb.copies()), len(log),
                         sum(1 for r in log if r.status == 429), peak, summary_of(stdout),
-                        check_outcome(plan, knack, esb))
+                        check_outcome(plan, knack, esb), peak_in_flight=esb.peak_in_flight,
+                        duplicates=sum(n - 1 for n in esb.copies().values()), queue_wait_p90=esb.queue_wait_p90())
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
@@ -213,6 +225,31 @@ def bench_throughput(count: int, latency: float, modes: list[tuple[str, list[str
     if len(runs) == 2 and runs[0].per_second:
         print(f"  default / --workers 1: {runs[1].per_second / runs[0].per_second:.2f}x")
     print_notes(runs)
+
+
+ESB_PACES = [("0.2 s", 0.2, None), ("1.0 s", 1.0, None), ("1.5 s", 1.5, None), ("3.0 s", 3.0, None),
+             ("capacity 4, 1.0 s each", 1.0, 4)]
+
+
+def in_flight_range(summary: str) -> str:
+    found = re.search(r"esb_in_flight=(\S+)", summary)
+    return found[1] if found else "-"
+
+
+def bench_esb_pace(count: int, modes: list[tuple[str, list[str]]], pki, tmp: Path) -> None:
+    print(f"ESB pace: {count} records, 4 per service request, Knack answering in 200 ms with its 10 requests/second "
+          f"limit on; ESBs of several speeds")
+    for label, args in modes:
+        runs = [backlog_run(f"{label}, ESB {pace}", count, 0.2, 10.0, pki, tmp, args, esb_latency=esb_latency,
+                            capacity=capacity, per_sr=4) for pace, esb_latency, capacity in ESB_PACES]
+        print(f"{label}:")
+        rows = [[pace, f"{run.wall:.1f}", f"{run.per_second:.2f}", f"{run.per_second / KNACK_CEILING:.0%}",
+                 str(run.peak_in_flight), in_flight_range(run.summary), str(run.duplicates), str(run.throttled),
+                 f"{run.queue_wait_p90:.2f}" if capacity else "-"]
+                for (pace, _, capacity), run in zip(ESB_PACES, runs, strict=True)]
+        print_table(["ESB answers in", "wall s", "records/s", "of 10/s ceiling", "peak POSTs in flight",
+                     "esb_in_flight", "duplicates", "429s", "p90 queue wait s"], rows)
+        print_notes(runs)
 
 
 def bench_scaling(sizes: list[int], with_rate_limit: bool, default_args: list[str], pki, tmp: Path) -> None:
@@ -291,6 +328,9 @@ def main() -> None:
                         "0 skips)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--skip-esb-pace", action="store_true")
+    parser.add_argument("--pace-records", type=int, default=300,
+                        help="backlog of each ESB pace run (default 300)")
     parser.add_argument("--skip-idle", action="store_true")
     args = parser.parse_args()
 
@@ -306,6 +346,9 @@ def main() -> None:
             bench_render(args.render)
         if not args.skip_throughput:
             bench_throughput(args.records, args.latency, modes, pki, tmp)
+        if not args.skip_esb_pace:
+            pace_modes = [("default", []), ("--workers 8", ["--workers", "8"])] if concurrent else modes
+            bench_esb_pace(args.pace_records, pace_modes, pki, tmp)
         if not args.skip_scaling:
             bench_scaling(args.sizes, args.scale_with_rate_limit, modes[-1][1], pki, tmp)
         if not args.skip_idle:

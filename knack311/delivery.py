@@ -2,15 +2,15 @@
 
 Each journal state is committed before the next network step, so a run killed at any point leaves an exact
 account for the next run (see journal.py). The unit has one outcome, a `Result`; it knows nothing of order,
-holds or budgets (run.py and schedule.py do), so it can run in a pool of workers. `ESBSlots` bounds the ESB
-POSTs in flight across those workers.
+holds or budgets (dispatch.py and schedule.py do), so it can run in a pool of workers. `limiter.ESBGate` bounds
+the ESB POSTs in flight across those workers, and learns from each POST's latency and outcome.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import enum
-import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TextIO
@@ -21,12 +21,14 @@ from .esb import ESBClient, ESBUncertain, ESBUnreachable
 from .in_doubt import must_park, parked_reason, repost_wait
 from .journal import DELIVERED, DONE, PARKED, SENDING, Journal, JournalError, message_hash
 from .knack import DO_NOT_SEND, SENT, KnackClient, KnackNotSent
+from .limiter import ESBGate
+from .limiter import Outcome as LimitOutcome
 from .message import Activity, NotFor311, message_values, render_message
 from .outcomes import DO_NOT_SEND as DO_NOT_SEND_EVENT
 from .outcomes import DRY_RUN_MESSAGE, ERROR, INFO, WARNING
 from .outcomes import SENT as SENT_EVENT
 from .settings import Settings
-from .stopping import POLL, Stop
+from .stopping import Stop
 from .streams import output_lost
 
 
@@ -73,48 +75,20 @@ def when(timestamp: float) -> str:
 Emit = Callable[..., None]  # outcomes.Readers.emit
 
 
-class ESBSlots:
-    """At most `size` ESB POSTs in flight at once, whatever the number of workers (ESB_MAX_IN_FLIGHT); only one
-    after a POST got no answer, or an answer later than `in_time` (ESB_TIMEOUT), until an answer comes in time:
-    an ESB that is slow must not be handed more messages to leave in doubt.
+TIMED_OUT_SHARE = 0.9  # a failed POST that took this share of ESB_TIMEOUT or more ran out of time
 
-    A worker waiting for a slot gives up once the run starts no new record (a stop signal, the time budget, or
-    `close()` on an outage): a POST that has not begun must not begin then. `take`, `give_back` and `close` are
-    all the run uses, so a limiter that adapts the number to the ESB's latency can take this class's place.
-    """
 
-    def __init__(self, size: int, stop: Stop, in_time: float = float("inf")):
-        self._size = self.limit = size
-        self._in_time = in_time
-        self._in_flight = 0
-        self._changed = threading.Condition()
-        self._stop = stop
-        self._closed = threading.Event()
-
-    def take(self) -> bool:
-        """Wait for a slot; False (and no slot) when the run stopped starting records meanwhile."""
-        with self._changed:
-            while not self._closed.is_set() and self._stop.work_time_left():
-                if self._in_flight < self.limit:
-                    self._in_flight += 1
-                    return True
-                self._changed.wait(POLL)
-        return False
-
-    def give_back(self, answered_in: float | None = None, *, no_answer: bool = False) -> None:
-        """The POST is over: `answered_in` seconds after it began an answer came, or `no_answer` (it may have the
-        message); neither when the POST never reached the ESB or a stop signal cut it short."""
-        with self._changed:
-            self._in_flight -= 1
-            if no_answer or (answered_in is not None and answered_in > self._in_time):
-                self.limit = 1
-            elif answered_in is not None:
-                self.limit = self._size
-            self._changed.notify_all()
-
-    def close(self) -> None:
-        """No new POST from now on (the run is stopping)."""
-        self._closed.set()
+def _limiter_outcome(exc: ESBUnreachable, latency: float, timeout: float) -> LimitOutcome:
+    """What a failed POST tells the concurrency limit."""
+    if isinstance(exc, ESBUncertain):
+        if exc.by_signal:
+            return LimitOutcome.STOPPED
+        # a POST waits ESB_TIMEOUT for its answer (the socket's read timeout and the stoppable call's alike)
+        if latency >= TIMED_OUT_SHARE * timeout:
+            return LimitOutcome.TIMEOUT
+        # the rest came quickly: a gateway's or the ESB's 5xx, or a connection that broke after the request
+        return LimitOutcome.SERVER_ERROR if " answered HTTP 5" in str(exc) else LimitOutcome.DROPPED
+    return LimitOutcome.UNREACHABLE
 
 
 class RecordSender:
@@ -122,9 +96,9 @@ class RecordSender:
     the journal is (it serialises its own writes)."""
 
     def __init__(self, settings: Settings, knack: KnackClient, esb: ESBClient | None, journal: Journal | None,
-                 tz: ZoneInfo, emit: Emit, out: TextIO, stop: Stop, esb_slots: ESBSlots | None = None):
+                 tz: ZoneInfo, emit: Emit, out: TextIO, stop: Stop, esb_gate: ESBGate | None = None):
         self.settings = settings
-        self.esb_slots = esb_slots
+        self.esb_gate = esb_gate
         self.knack = knack
         self.esb = esb
         self.journal = journal
@@ -200,9 +174,12 @@ class RecordSender:
             return Result(Outcome.FAILED, parked_reason(record_id, in_doubt.emi, in_doubt.posts, in_doubt.note))
         # a message in doubt waits longer than a first POST: an ESB that is slow but working answers it
         wait = repost_wait(self.settings.esb_timeout, self.stop.remaining()) if in_doubt else None
-        if self.esb_slots is not None and not self.esb_slots.take():
+        ticket = self.esb_gate.take() if self.esb_gate is not None else None
+        if self.esb_gate is not None and ticket is None:
             return Result(Outcome.NOT_STARTED)
-        answered_in, no_answer = None, False
+        posted = time.monotonic()
+        how = LimitOutcome.STOPPED  # until the POST ends: nothing learnt from a POST that never went
+        answered_in = None
         try:
             if entry is not None and entry.state == DELIVERED:
                 self.emit("corrected_resend", f"the record changed since the ESB accepted its message "
@@ -221,15 +198,21 @@ class RecordSender:
                 # still `sending`: should the run die during this try, the next run warns, and says which try
                 self.journal.set(record_id, SENDING, note=f"try {number} of {tries}, after: {previous}")
 
+            posted = time.monotonic()
             delivery = self.esb.deliver(body, before_try, timeout=wait)
             answered_in = delivery.seconds
+            if answered_in > self.settings.esb_timeout:
+                how = LimitOutcome.TIMEOUT  # a re-post answered late: the ESB is slower than ESB_TIMEOUT
+            else:  # answers after retries of 503/429/408 (or 500) say the ESB is busy, whatever came last
+                how = LimitOutcome.ANSWERED if delivery.attempts == 1 else LimitOutcome.SERVER_ERROR
         except RecordError as exc:
+            how = LimitOutcome.ANSWERED  # rejected, but answered: its latency counts
             self.journal.forget(record_id)  # rejected: the ESB does not have it
             return Result(Outcome.FAILED, f"{exc}: fix what the ESB names, then the next run sends it again")
         except ESBUncertain as exc:
+            how = _limiter_outcome(exc, time.monotonic() - posted, self.settings.esb_timeout)
             # stays "sending": the outcome is unknown; the note tells the next run why
             # the signal is the reason only when it cut this POST short, not when it merely came meanwhile
-            no_answer = not exc.by_signal
             note = (f"this run was stopped by {self.stop.signal_name} before the ESB answered"
                     if exc.by_signal else str(exc))
             if must_park(posts):
@@ -239,15 +222,16 @@ class RecordSender:
             self.journal.set(record_id, SENDING, note=note)
             return Result(Outcome.FAILED, str(exc), esb=ESBTrouble.NO_ANSWER)
         except ESBUnreachable as exc:
+            how = _limiter_outcome(exc, time.monotonic() - posted, self.settings.esb_timeout)
             if in_doubt is not None:
                 self.journal.restore(in_doubt)  # never reached the ESB: the doubt of the earlier POSTs stands
             else:
                 self.journal.forget(record_id)  # never reached the ESB
             return Result(Outcome.FAILED, str(exc), esb=ESBTrouble.UNREACHABLE, esb_lasting=exc.lasting)
         finally:
-            if self.esb_slots is not None:
+            if self.esb_gate is not None and ticket is not None:
                 # the POST is over; the Knack update does not hold an ESB slot
-                self.esb_slots.give_back(answered_in, no_answer=no_answer)
+                self.esb_gate.give_back(ticket, time.monotonic() - posted, how)
         accepted = f"delivered to ESB (HTTP {delivery.status}, attempt {delivery.attempts})"
         try:
             self.journal.set(record_id, DELIVERED)

@@ -17,13 +17,14 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from .admission import order_key, value_problem
-from .delivery import ESBSlots, ESBTrouble, Outcome, Prior, RecordSender, Result, when
+from .delivery import ESBTrouble, Outcome, Prior, RecordSender, Result, when
 from .errors import OutageError, RecordError
 from .fields import activity_from_record, format_value
 from .in_doubt import Doubt
 from .intake import CLEAN, Intake
 from .journal import SENDING, Journal, JournalError
 from .knack import READY_TO_SEND, SENT, KnackClient, KnackNotSent
+from .limiter import ESBGate
 from .listing import Listing
 from .message import Activity
 from .outcomes import ERROR, FAILED, HELD, WARNING, Summary
@@ -73,15 +74,15 @@ class SendLoop:
 
     def __init__(self, settings: Settings, sender: RecordSender, journal: Journal | None, emit, summary: Summary,
                  stop: Stop, run_id: int | None, field_types: dict[str, str], tz: ZoneInfo,
-                 esb_slots: ESBSlots | None = None, budget: KnackClient | None = None, intake: Intake | None = None):
+                 esb_gate: ESBGate | None = None, budget: KnackClient | None = None, intake: Intake | None = None):
         self.settings = settings
         self.intake = intake  # what intake found in each record (cleaned text, an unusable id)
         self.budget = budget  # the Knack client: whether the app's daily calls allow another record
         self.skipped_ids: set[str] = set()
-        self.low_water = 2 * settings.workers  # records waiting to start below which the next page is read
+        self.low_water = 2 * settings.pool_size  # records waiting to start below which the next page is read
         self._arrivals = 0
         self._finished_since_read = 0
-        self.workers = settings.workers
+        self.workers = settings.pool_size
         self.sender = sender
         self.journal = journal
         self.emit = emit
@@ -90,7 +91,7 @@ class SendLoop:
         self.run_id = run_id
         self.field_types = field_types
         self.tz = tz
-        self.esb_slots = esb_slots
+        self.esb_gate = esb_gate
         self.unmarked: list[tuple[Activity, Result]] = []
         self.unreachable_streak = self.no_answer_streak = self.knack_down_streak = 0
         self.doubt = Doubt(settings.esb_timeout)
@@ -327,8 +328,8 @@ class SendLoop:
             summary.stop_reason = f"the dry run's output cannot be written ({lost})"
         stopping = (self.stop.stopped or bool(summary.stop_reason) or not self.stop.work_time_left()
                     or self.doubt.out_of_time)
-        if stopping and self.esb_slots is not None:
-            self.esb_slots.close()  # a worker waiting for an ESB slot gives up rather than post
+        if stopping and self.esb_gate is not None:
+            self.esb_gate.close()  # a worker waiting for an ESB slot gives up rather than post
         return stopping
 
     def _leave(self, left: int) -> None:

@@ -340,8 +340,10 @@ class _Reply:
 class ESBClient:
     def __init__(self, endpoint: str, *, cert: str, key: str, verify: bool | str, timeout: float,
                  attempts: int = 3, backoff: float = 0.5, stop: Stop | None = None, key_password: str = "",
-                 proxy: str = ""):
-        """proxy: ESB_PROXY, an http:// CONNECT proxy (settings.esb_proxy_setting checked it); "" for none."""
+                 proxy: str = "", connections: int = 10):
+        """proxy: ESB_PROXY, an http:// CONNECT proxy (settings.esb_proxy_setting checked it); "" for none.
+        connections: the POSTs that may be in flight at once, each kept a connection for the next (beyond
+        requests' 10 a connection would be closed after every POST and the next one pay a new TLS handshake)."""
         self._endpoint = endpoint
         self._proxy = proxy
         parsed = urlparse(endpoint)
@@ -367,7 +369,8 @@ class ESBClient:
         # urllib3 retries a failed connect (the request never left); nothing that may have reached the ESB.
         connect_retry = Retry(total=attempts - 1, connect=attempts - 1, read=0, status=0, other=0, redirect=0,
                               backoff_factor=backoff, raise_on_status=False, allowed_methods=None)
-        self._session.mount("https://", _ESBAdapter(context, max_retries=with_stop(connect_retry, self._stop)))
+        self._session.mount("https://", _ESBAdapter(context, max_retries=with_stop(connect_retry, self._stop),
+                                                    pool_maxsize=max(10, connections)))
 
     def close(self) -> None:
         self._session.close()

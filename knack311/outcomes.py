@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-INFO, WARNING, ERROR = logging.INFO, logging.WARNING, logging.ERROR
+DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
 
 # Events that conclude one record; progress counts these.
 SENT, DO_NOT_SEND, FAILED, HELD = "sent", "do_not_send", "failed", "held"
@@ -86,6 +86,7 @@ class RunReport:
     knack_calls_remaining: int | None = None  # unknown unless Knack said
     failed_ids: tuple[str, ...] = ()
     held_ids: tuple[str, ...] = ()
+    esb_in_flight: tuple[int, int] | None = None  # the lowest and highest limit of ESB POSTs at once
 
     def counts(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNT_NAMES}
@@ -99,6 +100,8 @@ class RunReport:
         parts.append(f"duration={self.duration_s:.1f}s")
         if self.knack_calls_remaining is not None:
             parts.append(f"knack_calls_left_today={self.knack_calls_remaining}")
+        if self.esb_in_flight is not None:
+            parts.append(f"esb_in_flight={self.esb_in_flight[0]}..{self.esb_in_flight[1]}")
         for name, ids in (("failed_ids", self.failed_ids), ("held_ids", self.held_ids)):
             if ids:
                 more = len(ids) - LISTED_IDS
@@ -115,6 +118,8 @@ class RunReport:
         values.update(duration_s=round(self.duration_s, 3), exit_code=self.exit_code,
                       stop_reason=self.stop_reason or None, knack_calls_left_today=self.knack_calls_remaining,
                       failed_ids=list(self.failed_ids[:LISTED_IDS]), held_ids=list(self.held_ids[:LISTED_IDS]))
+        if self.esb_in_flight is not None:
+            values["esb_in_flight"] = list(self.esb_in_flight)
         return values
 
 
@@ -195,6 +200,7 @@ class Summary:
     stop_reason: str = ""
     failed_ids: list[str] = field(default_factory=list)
     held_ids: list[str] = field(default_factory=list)
+    esb_in_flight: tuple[int, int] | None = None
 
     def account_for_the_rest(self) -> None:
         """Every fetched record is in one count: what no count holds yet was not attempted."""
@@ -213,4 +219,5 @@ class Summary:
                calls_left: int | None = None) -> RunReport:
         return RunReport(app=app, exit_code=exit_code, duration_s=duration, stop_reason=self.stop_reason,
                          dry_run=dry_run, rendered=self.rendered, knack_calls_remaining=calls_left,
-                         failed_ids=tuple(self.failed_ids), held_ids=tuple(self.held_ids), **self.counts())
+                         failed_ids=tuple(self.failed_ids), held_ids=tuple(self.held_ids),
+                         esb_in_flight=self.esb_in_flight, **self.counts())

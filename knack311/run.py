@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .admission import order_key
-from .delivery import ESBSlots, RecordSender
+from .delivery import RecordSender
 from .dispatch import SendLoop, stop_reason
 from .errors import ConfigError, OutageError
 from .esb import ESBClient
@@ -24,11 +24,13 @@ from .healthcheck import Healthcheck
 from .intake import Intake
 from .journal import RECHECK_AFTER, Journal, JournalError, RunLock, journal_path, prepare_state_dir
 from .knack import DO_NOT_SEND, READY_TO_SEND, SENT, KnackClient, KnackHTTPError, RecordGone
+from .limiter import ConcurrencyLimit, ESBGate
 from .listing import Listing
 from .logs import EventLog, progress_reader
 from .metadata_cache import AppMetadata
 from .metrics import MetricsFile
 from .outcomes import (
+    DEBUG,
     ERROR,
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -109,7 +111,8 @@ def run(settings: Settings, out: TextIO = sys.stdout, clock: Callable[[], float]
         if not settings.dry_run:
             esb = ESBClient(settings.esb_endpoint, cert=str(settings.esb_cert), key=str(settings.esb_key),
                             key_password=settings.esb_key_password, verify=settings.esb_verify,
-                            timeout=settings.esb_timeout, stop=stop, proxy=settings.esb_proxy)
+                            timeout=settings.esb_timeout, stop=stop, proxy=settings.esb_proxy,
+                            connections=settings.esb_in_flight)
         knack = KnackClient(settings.knack_api_url, settings.knack_app_id, settings.knack_api_key,
                             timeout=settings.knack_timeout, max_rps=settings.knack_max_rps,
                             plan_reserve=settings.knack_plan_reserve, stop=stop,
@@ -202,23 +205,38 @@ def _process(settings: Settings, knack: KnackClient, esb: ESBClient | None, jour
     intake = Intake(app.fields)  # before the listing: nothing of the run sees a record intake has not cleaned
     listing = Listing(fetch, key=lambda r: order_key(r, app.fields["atd_activity_id"]),
                       log=lambda line: _knack_said(emit, line), sequential=settings.dry_run, view=app.view)
-    slots = ESBSlots(settings.esb_in_flight, stop, in_time=settings.esb_timeout) if esb is not None else None
+    gate = _esb_gate(settings, stop, emit) if esb is not None else None
     # (until fetch supplies them, no field types and no zone: nothing can be read into a message)
     field_types, tz = formatting if formatting is not None else ({}, None)
-    sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_slots=slots)
+    sender = RecordSender(settings, knack, esb, journal, tz, emit, out, stop, esb_gate=gate)
     loop = SendLoop(settings, sender, journal, emit, summary, stop, run_id, field_types, tz,
-                    esb_slots=slots, budget=knack, intake=intake)
+                    esb_gate=gate, budget=knack, intake=intake)
 
     def waiting() -> int | None:
         return knack.ready_count(metadata.scene, app.view, app.fields["emi_id"], app.fields["esb_status"])[0]
 
-    loop.run(listing, readers.planned, waiting=waiting)
+    try:
+        loop.run(listing, readers.planned, waiting=waiting)
+    finally:
+        if gate is not None:
+            summary.esb_in_flight = gate.used()
 
     if journal is not None and listing.complete and not stop.stopped:
         # only a complete listing tells which records are no longer ready
         ready_ids = listing.seen - loop.skipped_ids
         _close_settled(journal, knack, settings, ready_ids, emit, stop)
         journal.clear_failures_except(ready_ids)
+
+
+def _esb_gate(settings: Settings, stop: Stop, emit) -> ESBGate:
+    """The ESB POSTs' slots: adaptive (limiter.py) up to ESB_MAX_IN_FLIGHT, or fixed by --workers."""
+    def changed(old: int, new: int, why: str) -> None:
+        emit("esb_in_flight", f"ESB POSTs in flight at most: {old} -> {new} ({why})", level=DEBUG,
+             esb_in_flight=new)
+
+    limit = ConcurrencyLimit(settings.esb_in_flight, adaptive=settings.adaptive,
+                             rate_ceiling=settings.knack_max_rps, timeout=settings.esb_timeout, on_change=changed)
+    return ESBGate(limit, stop)
 
 
 def _close_settled(journal: Journal, knack: KnackClient, settings: Settings, ready_ids: set[str], emit,

@@ -38,13 +38,10 @@ DEFAULT_MAX_RUNTIME = 240.0  # seconds: finish inside a 5-minute scheduler timeo
 MAX_PLAN_RESERVE = 999_999_999  # daily calls: Knack's largest plan has 25,000; more digits is a typo
 KNACK_RPS_RANGE = (0.1, 50.0)  # Knack allows an app 10 requests a second; beyond 50 is a typo, below 0.1 a stall
 MAX_WORKERS = 32
-# Records delivered at once (--workers). Each record waits for its ESB POST and then its Knack update, so one
-# at a time leaves Knack's 10 requests/second mostly unused: 2.4 records/s with 200 ms answers on each side.
-# Measured (README.md, "Throughput"; 300 records over 100 service requests, Knack's limit on): with 200 ms
-# answers 4 workers already reach the Knack pacing ceiling, and 8 do so with twice the room (a record may take
-# 0.8 s, 500 ms answers on each side give 7.5/s); beyond, workers only wait in the pacer. 8 also stays under
-# requests' pool of 10 connections per host, and bounds what a SIGKILL can leave in doubt to 8 messages.
-DEFAULT_WORKERS = 8
+# ESB POSTs at once at most (ESB_MAX_IN_FLIGHT). Without --workers the number in flight adapts to the ESB's answers
+# (limiter.py) up to this; 32 is what Knack's 10 records/s need from an ESB answering in 3 s (Little's law: 10 x 3
+# plus a little headroom), and the most a SIGKILL can then leave in doubt.
+DEFAULT_ESB_MAX_IN_FLIGHT = MAX_WORKERS
 
 
 @dataclass(frozen=True)
@@ -73,16 +70,27 @@ class Settings:
     dry_run: bool = False
     max_runtime: float = DEFAULT_MAX_RUNTIME
     esb_key_password: str = field(default="", repr=False)  # decrypts an encrypted ESB_KEY; never printed
-    workers: int = DEFAULT_WORKERS
-    esb_max_in_flight: int | None = None  # ESB_MAX_IN_FLIGHT; None: as many as workers
+    workers: int | None = None  # --workers N: a fixed number of records at once; None: adaptive (limiter.py)
+    esb_max_in_flight: int | None = None  # ESB_MAX_IN_FLIGHT; None: DEFAULT_ESB_MAX_IN_FLIGHT
     knack_plan_reserve: int | None = None  # KNACK_PLAN_RESERVE; None: 10% of Knack's daily plan limit
     knack_timeout: float = 30.0  # KNACK_TIMEOUT; load_settings defaults it to ESB_TIMEOUT's value
     esb_proxy: str = field(default="", repr=False)  # ESB_PROXY, "" for none; may hold credentials: never printed
 
     @property
+    def adaptive(self) -> bool:
+        """Whether the ESB POSTs in flight follow the ESB's answers (no --workers)."""
+        return self.workers is None
+
+    @property
     def esb_in_flight(self) -> int:
-        """ESB POSTs allowed at once: ESB_MAX_IN_FLIGHT, never more than the workers."""
-        return min(self.esb_max_in_flight or self.workers, self.workers)
+        """ESB POSTs allowed at once at most: ESB_MAX_IN_FLIGHT, never more than --workers."""
+        return min(self.esb_max_in_flight or DEFAULT_ESB_MAX_IN_FLIGHT, self.workers or MAX_WORKERS)
+
+    @property
+    def pool_size(self) -> int:
+        """Records delivered at once: --workers, else as many as POSTs may be in flight (a worker waiting for its
+        POST's turn costs a thread; the limit decides how many POST)."""
+        return self.workers or self.esb_in_flight
 
 
 def load_app(name: str, config: dict) -> AppConfig:
@@ -130,7 +138,7 @@ def load_app(name: str, config: dict) -> AppConfig:
 
 
 def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: bool = False,
-                  max_runtime: float = DEFAULT_MAX_RUNTIME, workers: int = DEFAULT_WORKERS) -> Settings:
+                  max_runtime: float = DEFAULT_MAX_RUNTIME, workers: int | None = None) -> Settings:
     app = load_app(app_name, config)
 
     missing = [name for name in ("KNACK_APP_ID", "KNACK_API_KEY", "ESB_ENDPOINT") if not env.get(name, "").strip()]
@@ -181,7 +189,7 @@ def load_settings(app_name: str, env: dict[str, str], config: dict, *, dry_run: 
     state_dir = _path(env, "STATE_DIR", "state")
     if max_runtime <= 0:
         raise ConfigError("--max-runtime must be a positive number of seconds")
-    if not 1 <= workers <= MAX_WORKERS:
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
         raise ConfigError(f"--workers must be a whole number from 1 to {MAX_WORKERS}, not {workers!r}")
     esb_max_in_flight = _count_setting(env, "ESB_MAX_IN_FLIGHT", MAX_WORKERS)
 

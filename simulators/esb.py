@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import socket
 import ssl
 import threading
@@ -126,6 +127,7 @@ class Received:
     emi: str  # header/emi of the message
     at: float = 0.0  # time.monotonic() when the message was taken in
     answered_at: float = 0.0  # time.monotonic() once its answer was sent (or the connection dropped)
+    queue_wait: float = 0.0  # seconds it waited for one of the `capacity` workers before its `latency` began
 
 
 @dataclass(frozen=True)
@@ -299,6 +301,12 @@ class ESBSimulator:
 
         self.path = path
         self.latency: float = 0.0  # seconds to wait before every answer
+        # At most this many messages worked on at once (each for `latency`), the rest waiting in a FIFO queue, as
+        # an ESB back end with a few workers does; None: every message at once.
+        self.capacity: int | None = None
+        self._workers_busy = 0
+        self._queue: collections.deque[object] = collections.deque()
+        self._turns = threading.Condition()
         self.handshake_failures = 0  # TLS handshakes the server refused or that broke off
         # For concurrent senders: the most POSTs handled at the same moment, and records whose messages are
         # rejected with a SOAP Fault whenever they arrive (inject() goes by arrival order, which concurrency
@@ -466,11 +474,40 @@ class ESBSimulator:
             self._received.append(received)
             if answer.accepted or (injected is not None and injected.processed):
                 self._accepted.append(received)
-        time.sleep(self.latency + (injected.delay if injected else 0.0))
+        with self._worker(received):
+            time.sleep(self.latency + (injected.delay if injected else 0.0))
         try:
             handler.send_answer(answer)
         finally:
             received.answered_at = time.monotonic()
+
+    @contextlib.contextmanager
+    def _worker(self, received: Received):
+        """One of the `capacity` workers for this message, in arrival order (at once when capacity is None)."""
+        capacity = self.capacity
+        if capacity is None:
+            yield
+            return
+        turn = object()
+        with self._turns:
+            self._queue.append(turn)
+            while not (self._queue[0] is turn and self._workers_busy < capacity) and not self._stopping.is_set():
+                self._turns.wait(0.05)
+            self._queue.remove(turn)
+            self._workers_busy += 1
+            self._turns.notify_all()
+        received.queue_wait = time.monotonic() - received.at
+        try:
+            yield
+        finally:
+            with self._turns:
+                self._workers_busy -= 1
+                self._turns.notify_all()
+
+    def queue_wait_p90(self) -> float:
+        """The 90th percentile of the messages' waits for a worker (capacity mode; 0 without a queue)."""
+        waits = sorted(r.queue_wait for r in self.received)
+        return waits[max(0, math.ceil(0.9 * len(waits)) - 1)] if waits else 0.0
 
     def _answer(self, handler: _Handler, body: bytes, injected: _Injected | None) -> _Answer:
         answer = self._genuine_answer(handler, body, injected)

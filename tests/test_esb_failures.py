@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from knack311.settings import DEFAULT_WORKERS
+from knack311.settings import DEFAULT_ESB_MAX_IN_FLIGHT
 from simulators.certs import CLIENT_NAME
 from simulators.esb import ACCESS_DENIED_PAGE, GATEWAY_JSON, SOAP_NS, ESBSimulator, fault_body
 from tests.conftest import API_KEY, ENTRY, statuses
@@ -35,7 +35,7 @@ SOAP12_NS = "http://www.w3.org/2003/05/soap-envelope"
 KEY_PASSWORD = "correct horse battery staple"
 # Run-wide faults (a refused certificate, a wrong endpoint) stop the run: the records whose POST had already
 # begun end too, and no record starts after. Seeding more than the workers start at once makes that visible.
-MORE_THAN_THE_WORKERS_START = 3 * DEFAULT_WORKERS
+MORE_THAN_THE_WORKERS_START = 3 * DEFAULT_ESB_MAX_IN_FLIGHT
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------------
@@ -274,7 +274,7 @@ def test_a_client_certificate_the_esb_refuses_is_named_and_stops_the_run(run_bri
     assert run.returncode == 1, run.output
     no_traceback(run)
     assert esb.received == []
-    assert 1 <= esb.handshake_failures <= DEFAULT_WORKERS  # the POSTs already begun, then the run stopped
+    assert 1 <= esb.handshake_failures <= DEFAULT_ESB_MAX_IN_FLIGHT  # the POSTs already begun, then the run stopped
     assert statuses(knack) == {r["id"]: READY for r in records}
     assert journal(bridge_env) == {}  # the ESB's service never saw it: nothing of unknown outcome is left
     lines = lines_naming(run.stdout, "did not accept our client certificate")
@@ -291,7 +291,7 @@ def test_an_esb_certificate_our_ca_does_not_vouch_for_is_named_and_stops_the_run
 
     assert run.returncode == 1, run.output
     no_traceback(run)
-    assert impostor.received == [] and 1 <= impostor.handshake_failures <= DEFAULT_WORKERS
+    assert impostor.received == [] and 1 <= impostor.handshake_failures <= DEFAULT_ESB_MAX_IN_FLIGHT
     assert statuses(knack) == {r["id"]: READY for r in records}
     assert journal(bridge_env) == {}
     lines = lines_naming(run.stdout, "certificate could not be verified")
@@ -485,7 +485,7 @@ def test_a_redirect_means_a_wrong_endpoint_and_stops_the_run(run_bridge, knack, 
     run = run_bridge()
 
     assert run.returncode == 1, run.output
-    assert 1 <= len(esb.received) <= DEFAULT_WORKERS  # the POSTs already begun; no record started after
+    assert 1 <= len(esb.received) <= DEFAULT_ESB_MAX_IN_FLIGHT  # the POSTs already begun; no record started after
     assert max(collections.Counter(r.record_id for r in esb.received).values()) == 1  # not followed, not retried
     assert statuses(knack) == {r["id"]: READY for r in records}
     assert journal(bridge_env) == {}

@@ -474,3 +474,28 @@ def test_an_injection_for_one_record_waits_for_that_record_and_comes_first(esb, 
     esb.inject(status=504, record="recC")
     esb.clear_faults()
     assert post(esb.url, pki, message("recC")).status_code == 200
+
+
+@pytest.mark.timing
+def test_capacity_works_on_that_many_at_once_and_queues_the_rest_in_arrival_order(esb, pki):
+    esb.latency, esb.capacity = 0.4, 2
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda n: post(esb.url, pki, message(f"rec{n}")), range(6)))
+
+    assert [r.status_code for r in replies] == [200] * 6
+    assert esb.peak_in_flight == 6  # all six were open at once: four of them waiting
+    received = sorted(esb.received, key=lambda r: r.at)
+    work = [(r.at + r.queue_wait, r.at + r.queue_wait + esb.latency) for r in received]
+    for begin, _ in work:  # never more than two worked on at one moment
+        assert sum(1 for b, e in work if b <= begin < e) <= 2
+    assert [b for b, _ in work] == sorted(b for b, _ in work)  # first come, first served
+    waits = [r.queue_wait for r in received]
+    assert max(waits[:2]) < 0.2 and min(waits[4:]) >= 0.4  # 0 and 0.8 s with exact timing
+    assert esb.queue_wait_p90() == pytest.approx(max(waits))
+
+
+def test_without_capacity_nothing_waits(esb, pki):
+    esb.latency = 0.2
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda n: post(esb.url, pki, message(f"rec{n}")), range(4)))
+    assert esb.queue_wait_p90() == 0.0

@@ -33,7 +33,7 @@ import pytest
 import requests
 
 from config import CONFIG
-from knack311.settings import DEFAULT_WORKERS
+from knack311.settings import DEFAULT_ESB_MAX_IN_FLIGHT
 from simulators.activities import activity_record
 from simulators.esb import ESBSimulator, parse_message
 from tests import conftest
@@ -341,7 +341,7 @@ def test_put_failing_for_the_whole_of_two_tries_is_set_by_the_next_run_without_r
 
 @pytest.mark.slow
 def test_knack_updates_down_for_a_whole_run_then_healthy(knack, esb, seed, bridge, state_dir):
-    records = seed(3 * DEFAULT_WORKERS)  # more than the workers start at once, so that stopping early shows
+    records = seed(3 * DEFAULT_ESB_MAX_IN_FLIGHT)  # more than the workers start at once, so that stopping early shows
     knack.inject("PUT", "/records/", status=503, count=1000, retry_after=1)
 
     first = bridge.run()
@@ -615,7 +615,7 @@ def test_esb_dropping_the_connection_without_answer(knack, esb, seed, bridge, st
 
 
 def test_esb_refusing_connections_then_a_healthy_esb(knack, esb, seed, bridge, pki, state_dir):
-    records = seed(3 * DEFAULT_WORKERS)  # more than the workers start at once, so that stopping early shows
+    records = seed(3 * DEFAULT_ESB_MAX_IN_FLIGHT)  # more than the workers start at once, so that stopping early shows
     esb.stop()  # connection refused from now on
 
     first = bridge.run()
@@ -674,7 +674,7 @@ def test_a_second_run_while_one_is_active_sends_nothing(knack, esb, seed, bridge
 
 
 def test_a_run_past_its_time_budget_defers_the_rest_and_exits_0(knack, esb, seed, bridge):
-    records = seed(8 * DEFAULT_WORKERS)  # several seconds of work for the default workers
+    records = seed(64)  # several seconds of work
     esb.latency = 0.3
 
     run = bridge.run("--max-runtime", "1")
@@ -753,7 +753,7 @@ def test_sigkill_at_many_points_loses_nothing_and_duplicates_only_what_was_in_fl
                    for n in range(300)]
         internal = [r for r in records if r[f"{FIELDS['activity_name']}_raw"] == "Other"]
         env = {"KNACK_API_URL": knack.url}
-        esb.latency = DEFAULT_WORKERS / 40  # about 40 records a second whatever the workers: most runs die mid-backlog
+        esb.latency = 0.2  # tens of records a second: most runs die mid-backlog
         kills = 0
         # With several workers, several messages are in flight at a kill: each is a `sending` entry in the journal
         # right after the kill (its POST may or may not have reached the ESB). Only those may arrive twice, each

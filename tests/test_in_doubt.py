@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from knack311.delivery import ESBSlots
 from knack311.in_doubt import Doubt, must_park, not_answering, parked_reason, repost_fits, repost_wait
 from knack311.journal import DELIVERED, DONE, PARKED, SENDING, Journal, read_report
+from knack311.limiter import ConcurrencyLimit, ESBGate
+from knack311.limiter import Outcome as LimitOutcome
 from knack311.stopping import Stop
 
 # ----- the rules ------------------------------------------------------------------------------------------------
@@ -141,32 +142,40 @@ def test_release_leaves_a_delivered_entry_alone(journal):
     assert journal.get("rec1").state == DELIVERED
 
 
-# ----- the ESB slots ---------------------------------------------------------------------------------------------
+# ----- the ESB slots after a POST without an answer (also with a fixed --workers N) ---------------------------
+
+def fixed_gate(size: int = 4) -> ESBGate:
+    return ESBGate(ConcurrencyLimit(size, adaptive=False, timeout=5.0), Stop())
+
 
 def test_after_a_post_without_an_answer_one_post_at_a_time_until_an_answer_comes_in_time():
-    slots = ESBSlots(4, Stop(), in_time=5.0)
-    assert all(slots.take() for _ in range(2))
-    slots.give_back(no_answer=True)
-    assert slots.limit == 1
-    slots.give_back(7.0)  # answered, but after ESB_TIMEOUT: still one
-    assert slots.limit == 1
-    slots.give_back()  # never reached the ESB, or cut short by a signal: says nothing about its pace
-    assert slots.limit == 1
-    assert slots.take()
-    slots.give_back(0.2)  # in time
-    assert slots.limit == 4
+    gate = fixed_gate()
+    first, second = gate.take(), gate.take()
+    gate.give_back(first, 5.0, LimitOutcome.TIMEOUT)
+    assert gate.limit.limit == 1
+    gate.give_back(second, 7.0, LimitOutcome.ANSWERED)  # answered, but after ESB_TIMEOUT: still one
+    assert gate.limit.limit == 1
+    ticket = gate.take()
+    gate.give_back(ticket, 0.1, LimitOutcome.UNREACHABLE)  # never reached the ESB: says nothing about its pace
+    assert gate.limit.limit == 1
+    ticket = gate.take()
+    gate.give_back(ticket, 0.1, LimitOutcome.STOPPED)  # cut short by a signal: says nothing either
+    assert gate.limit.limit == 1
+    ticket = gate.take()
+    gate.give_back(ticket, 0.2, LimitOutcome.ANSWERED)  # in time
+    assert gate.limit.limit == 4
+    assert gate.used() == (1, 4)
 
 
 def test_a_worker_waits_for_the_one_slot_and_gives_up_when_the_run_stops():
-    slots = ESBSlots(4, Stop(), in_time=5.0)
-    assert slots.take()
-    slots.give_back(no_answer=True)
-    assert slots.take()  # the one slot
-    got: list[bool] = []
-    waiter = threading.Thread(target=lambda: got.append(slots.take()))
+    gate = fixed_gate()
+    gate.give_back(gate.take(), 5.0, LimitOutcome.TIMEOUT)
+    assert gate.take() is not None  # the one slot
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(gate.take()))
     waiter.start()
     time.sleep(0.3)
     assert got == []  # waiting: only one POST while the ESB does not answer in time
-    slots.close()
+    gate.close()
     waiter.join(5)
-    assert got == [False]
+    assert got == [None]

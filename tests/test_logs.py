@@ -369,3 +369,11 @@ def test_progress_bar_draws_on_its_own_stream_only_on_request():
     assert "\r" not in log_out.getvalue() and len(log_out.getvalue().splitlines()) == 3
     assert isinstance(progress_reader(True, log), ProgressBar)
     assert isinstance(progress_reader(False, log), ProgressLines)
+
+
+def test_the_summary_gives_the_range_of_esb_posts_in_flight_when_the_run_posted():
+    report = RunReport(app="data-tracker", exit_code=0, fetched=5, sent=5, esb_in_flight=(2, 17))
+    assert " esb_in_flight=2..17" in report.summary_text()
+    assert report.summary_fields()["esb_in_flight"] == [2, 17]
+    dry = RunReport(app="data-tracker", exit_code=0, fetched=5, dry_run=True, rendered=5)
+    assert "esb_in_flight" not in dry.summary_text() and "esb_in_flight" not in dry.summary_fields()

@@ -26,7 +26,7 @@ from knack311.esb import Delivery, ESBUncertain
 from knack311.journal import SENDING, Journal
 from knack311.knack import Page
 from knack311.logs import printable as log_safe
-from knack311.settings import DEFAULT_WORKERS, Settings, load_app
+from knack311.settings import DEFAULT_ESB_MAX_IN_FLIGHT, Settings, load_app
 from simulators.activities import activity_record, app_metadata
 from simulators.esb import parse_message
 from tests.conftest import API_KEY, APP_ID, make_knack, statuses
@@ -192,7 +192,7 @@ def test_a_record_fixed_while_its_entry_is_delivered_is_resent_only_if_its_messa
 @pytest.mark.parametrize("workers", [None, "1"], ids=["default-workers", "one-worker"])
 def test_a_journal_that_fails_after_the_esb_accepted_still_marks_sent_and_sends_nothing_more(
         knack, esb, seed, start_bridge, run_bridge, state_dir, workers):
-    records = seed(4 if workers == "1" else 3 * DEFAULT_WORKERS)
+    records = seed(4 if workers == "1" else 3 * DEFAULT_ESB_MAX_IN_FLIGHT)
     esb.latency = 0.5  # the ESB holds its answer: the window in which the disk "fills up"
     proc = start_bridge(*(["--workers", workers] if workers else []))
     # one worker: wait for the second record, so that the first is done; several: the first wave is in flight
@@ -213,7 +213,7 @@ def test_a_journal_that_fails_after_the_esb_accepted_still_marks_sent_and_sends_
         assert posted == records[:2]  # nothing sent after the failure
     else:
         # nothing started after the failure: only the first wave, which was in flight when the disk filled up
-        assert 1 <= len(posted) <= DEFAULT_WORKERS
+        assert 1 <= len(posted) <= DEFAULT_ESB_MAX_IN_FLIGHT
     # the ESB has them, so Knack says SENT; the others were left alone
     assert statuses(knack) == {r["id"]: SENT if r in posted else READY for r in records}
     in_flight = posted[1:] if workers == "1" else posted
@@ -224,7 +224,7 @@ def test_a_journal_that_fails_after_the_esb_accepted_still_marks_sent_and_sends_
     assert (count(stdout, "fetched"), count(stdout, "sent")) == (len(records), len(posted))
     # a worker of the first wave that had not written `sending` yet fails on the journal: it posted nothing
     failed = count(stdout, "failed")
-    assert failed == 0 if workers == "1" else failed <= DEFAULT_WORKERS - len(posted)
+    assert failed == 0 if workers == "1" else failed <= DEFAULT_ESB_MAX_IN_FLIGHT - len(posted)
     assert count(stdout, "not_attempted") == len(records) - len(posted) - failed
     counts_add_up(stdout)
     assert "journal" in summary(stdout).split("stopped:", 1)[1]
@@ -448,7 +448,7 @@ def test_dry_run_counts_add_up(knack, esb, seed, run_bridge):
 @pytest.mark.parametrize("workers", [None, "1"], ids=["default-workers", "one-worker"])
 def test_an_esb_that_takes_messages_but_never_answers_is_not_called_unreachable(knack, esb, seed, run_bridge,
                                                                                  state_dir, workers):
-    records = seed(6 if workers == "1" else 3 * DEFAULT_WORKERS)
+    records = seed(6 if workers == "1" else 3 * DEFAULT_ESB_MAX_IN_FLIGHT)
     esb.inject(delay=2.5, count=100)
 
     result = run_bridge(*(["--workers", workers] if workers else []), env={"ESB_TIMEOUT": "1"})
@@ -521,7 +521,7 @@ def test_a_signal_mid_backlog_stops_within_8_seconds_naming_it(knack, esb, seed,
     states = journal_states(state_dir)
     in_doubt = [rid for rid, state in states.items() if state == "sending"]
     # nothing half-done; in doubt at most the records in flight at the signal (one per worker)
-    assert set(states.values()) <= {"done", "sending"} and len(in_doubt) <= DEFAULT_WORKERS, states
+    assert set(states.values()) <= {"done", "sending"} and len(in_doubt) <= DEFAULT_ESB_MAX_IN_FLIGHT, states
     marked = {rid for rid, status in statuses(knack).items() if status == SENT}
     assert marked == set(esb.copies()) - set(in_doubt)
     assert set(esb.copies().values()) == {1}

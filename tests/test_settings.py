@@ -340,14 +340,18 @@ def test_max_runtime_must_be_positive(env):
 
 
 def test_workers_default_and_range(env):
-    assert load_settings("data-tracker", env, config.CONFIG).workers == settings_module.DEFAULT_WORKERS
+    default = load_settings("data-tracker", env, config.CONFIG)
+    assert default.workers is None and default.adaptive  # the POSTs in flight follow the ESB's answers
+    assert default.esb_in_flight == default.pool_size == settings_module.DEFAULT_ESB_MAX_IN_FLIGHT == 32
+    assert not load_settings("data-tracker", env, config.CONFIG, workers=8).adaptive
     assert load_settings("data-tracker", env, config.CONFIG, workers=1).workers == 1
     for bad in (0, settings_module.MAX_WORKERS + 1):
         with pytest.raises(ConfigError, match="--workers"):
             load_settings("data-tracker", env, config.CONFIG, workers=bad)
 
 
-@pytest.mark.parametrize("value, workers, in_flight", [("", 8, 8), ("3", 8, 3), ("32", 4, 4), (" 2 ", 1, 1)])
+@pytest.mark.parametrize("value, workers, in_flight", [("", 8, 8), ("3", 8, 3), ("32", 4, 4), (" 2 ", 1, 1),
+                                                       ("", None, 32), ("5", None, 5)])
 def test_esb_max_in_flight_bounds_the_posts_never_beyond_the_workers(env, value, workers, in_flight):
     env["ESB_MAX_IN_FLIGHT"] = value
     assert load_settings("data-tracker", env, config.CONFIG, workers=workers).esb_in_flight == in_flight
