@@ -247,8 +247,8 @@ class SendLoop:
         """Start what the scheduler allows, at most `workers` at once, until done or stopping; returns the number
         of records that were not started."""
         pool = _InPlace() if self.settings.dry_run else ThreadPoolExecutor(self.workers, "knack311-deliver")
-        # handed out by the scheduler, waiting for a worker: messages in doubt first, then 311's order
-        startable: list[tuple[bool, Any, int, ScheduledRecord]] = []
+        # handed out by the scheduler, waiting for a worker: messages in doubt first, then the longest chains
+        startable: list[tuple[bool, int, Any, int, ScheduledRecord]] = []
         in_flight: dict[Future, ScheduledRecord] = {}
         not_started = 0
         told = abandoned = False
@@ -258,8 +258,8 @@ class SendLoop:
                     self._read(scheduler, settled=not in_flight)
                 if not self._stopping():
                     for record in scheduler.ready():
-                        heapq.heappush(startable, (not record.payload.in_doubt, record.order_key,
-                                                   record.payload.position, record))
+                        heapq.heappush(startable, (not record.payload.in_doubt, self._chain(scheduler, record),
+                                                   record.order_key, record.payload.position, record))
                     self._held(scheduler.take_held())
                     while startable and self._next_may_go(startable[0][-1], in_flight):
                         record = heapq.heappop(startable)[-1]
@@ -295,6 +295,13 @@ class SendLoop:
             # after a stop signal, the workers' calls end within the stop grace (stopping.Stop.call) on their own
             pool.shutdown(wait=not abandoned, cancel_futures=True)
         return scheduler.waiting + len(startable) + not_started
+
+    def _chain(self, scheduler: Scheduler, record: ScheduledRecord) -> int:
+        """Among the service requests free to go, the one with the most activities still to come goes first: its
+        activities can only go one after another, so started late it would be the run's tail (each takes an ESB
+        answer and a Knack update). 311's order within a service request is the scheduler's and stays. One at a
+        time (--workers 1, or messages in doubt, which go alone) keeps the order of the whole backlog."""
+        return 0 if self.workers == 1 or record.payload.in_doubt else -scheduler.behind(record)
 
     def _next_may_go(self, record: ScheduledRecord, in_flight: dict) -> bool:
         """A worker is free, messages in doubt go alone and first (in_doubt.Doubt), the daily budget allows it."""

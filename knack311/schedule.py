@@ -97,6 +97,11 @@ class Scheduler:
     def in_flight(self) -> int:
         return self._in_flight
 
+    def behind(self, record: ScheduledRecord) -> int:
+        """How many activities of the record's service request wait behind it (known to this run so far)."""
+        line = self._lines.get(record.sr_number)
+        return len(line.pending) if line is not None else 0
+
     # ----- what the caller tells -----
 
     def add(self, record_id: str, sr_number: str, order_key: Any, payload: Any = None, *,

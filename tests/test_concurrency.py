@@ -257,3 +257,19 @@ def test_sigterm_starts_nothing_new_and_leaves_each_record_in_flight_done_or_sen
     assert statuses(knack) == {r["id"]: SENT for r in records}
     assert esb.copies() == Counter({r["id"]: 2 if r["id"] in hanging else 1 for r in records})
     assert set(journal_states(state_dir).values()) == {"done"}
+
+
+def test_the_service_request_with_the_most_activities_to_go_starts_first(knack, esb, seed, run_bridge):
+    # Its activities can only go one after another: started last (its atd_activity_ids are the backlog's highest),
+    # it would be the run's tail. Six single activities come first in 311's order.
+    singles = seed(6)
+    chain = seed(4, sr_number="20-77777777")
+    esb.latency = 0.3
+
+    result = run_bridge("--workers", "2")
+
+    assert result.returncode == 0, result.output
+    arrivals = [message.record_id for message in sorted(esb.received, key=lambda m: m.at)]
+    assert arrivals.index(chain[0]["id"]) < 2, arrivals  # among the first two POSTs, though its id is the 7th
+    assert [i for i in arrivals if i in {r["id"] for r in chain}] == [r["id"] for r in chain]  # 311's order kept
+    assert set(arrivals) == {r["id"] for r in singles + chain} and len(arrivals) == 10

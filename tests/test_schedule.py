@@ -341,3 +341,16 @@ def test_pages_in_key_order_keep_311s_order_and_nothing_is_late(records, data):
 def test_any_arrival_order_never_starts_an_sr_out_of_order(records, data):
     events = drive(data, records, pages_in_key_order=False)
     check_order(records, events)
+
+
+def test_behind_counts_the_activities_of_its_sr_still_waiting():
+    scheduler = Scheduler()
+    for n, sr in enumerate(["A", "A", "A", "B"]):
+        scheduler.add(f"r{n}", sr, n)
+    scheduler.listed_all()
+    started = {record.record_id: record for record in scheduler.ready()}
+    assert set(started) == {"r0", "r3"}
+    assert scheduler.behind(started["r0"]) == 2 and scheduler.behind(started["r3"]) == 0
+    scheduler.done("r0", failed=False)
+    [r1] = scheduler.ready()
+    assert scheduler.behind(r1) == 1
