@@ -129,17 +129,18 @@ class SendLoop:
                 self.emit("outage", str(exc), level=ERROR)
             return
         self._finished_since_read = 0
-        skipped = 0
-        for record in read.records:
+        statuses = [self._status_if_not_ready(record) for record in read.records]
+        skipped = sum(status is not None for status in statuses)
+        total = read.total_records if read.total_records is not None else len(read.records)
+        if first or read.records:  # before the lines about its records
+            self._fetched(read.records, skipped, total, read.page, first)
+        for record, status in zip(read.records, statuses, strict=True):
             self.summary.fetched += 1
-            if self._skip(record):
-                skipped += 1
+            if status is not None:
+                self._skip(record, status)
                 continue
             self._plan(scheduler, self._arrivals, record)
             self._arrivals += 1
-        total = read.total_records if read.total_records is not None else len(read.records)
-        if first or read.records:
-            self._fetched(read.records, skipped, total, read.page, first)
         if first:
             self._planned(max(0, total - skipped))
         if read.listed_all:
@@ -158,20 +159,20 @@ class SendLoop:
             text += f" (page {page})"
         self.emit("fetched", text, fetched=len(records), skipped=skipped, page=page, listed=total)
 
-    def _skip(self, record: dict) -> bool:
+    def _status_if_not_ready(self, record: dict) -> str | None:
         """Knack's view filter is not to be trusted alone (seen: a view answering without applying it): a record
-        that does not say READY_TO_SEND itself is never posted, whatever the listing says."""
+        that does not say READY_TO_SEND itself is never posted, whatever the listing says. Its status, else None."""
+        status = _field_text(record, self.settings.app.fields["esb_status"], self.field_types, self.tz)
+        return None if status is None or status == READY_TO_SEND else status
+
+    def _skip(self, record: dict, status: str) -> None:
         app = self.settings.app
         status_key = app.fields["esb_status"]
-        status = _field_text(record, status_key, self.field_types, self.tz)
-        if status is None or status == READY_TO_SEND:
-            return False
         self.summary.skipped += 1
         self.skipped_ids.add(str(record.get("id", "")))
         self.emit("skipped", f"Knack says {status_key} is {status!r}, not {READY_TO_SEND} (the view answered without "
                   "its filter?); not sent", level=WARNING, record_id=str(record.get("id", "")),
                   sr_number=_field_text(record, app.fields["sr_number"], self.field_types, self.tz) or "")
-        return True
 
     def _wants_more(self, scheduler: Scheduler, startable: list, in_flight: dict) -> bool:
         """Read the next page when the records waiting run low and a record finished since the last read (page 1
