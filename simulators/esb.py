@@ -22,6 +22,8 @@ from pathlib import Path
 
 from lxml import etree
 
+from simulators.serving import ServedInBackground
+
 SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 ACC_NS = "http://www.austintexas.gov/AcceptKnack/"
 
@@ -276,7 +278,7 @@ def _linger(request: ssl.SSLSocket) -> None:
         pass
 
 
-class ESBSimulator:
+class ESBSimulator(ServedInBackground):
     """HTTPS ESB on loopback. Bound at construction, so `url` is known before start()."""
 
     def __init__(
@@ -324,29 +326,6 @@ class ESBSimulator:
         self._thread: threading.Thread | None = None
         bound_host, bound_port = self._server.server_address[:2]
         self.url = f"https://{bound_host}:{bound_port}{path}"
-
-    # -- lifecycle ---------------------------------------------------------------
-
-    def start(self) -> ESBSimulator:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._server.server_close()
-
-    def __enter__(self) -> ESBSimulator:
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
     # -- what arrived ------------------------------------------------------------
 

@@ -13,6 +13,8 @@ import socketserver
 import threading
 from dataclasses import dataclass
 
+from simulators.serving import ServedInBackground
+
 HEAD_LIMIT = 16 * 1024  # bytes of a CONNECT request's head; a real one is a few hundred
 IDLE_TIMEOUT = 30.0     # seconds a tunnel may carry nothing before the proxy closes it
 KEEP_BYTES = 256 * 1024  # of what clients sent through the tunnels, for tests to look at
@@ -124,7 +126,7 @@ def _pump(client: socket.socket, upstream: socket.socket, proxy: ConnectProxy) -
         selector.close()
 
 
-class ConnectProxy:
+class ConnectProxy(ServedInBackground):
     """CONNECT proxy on loopback. Bound at construction, so `url` is known before start().
 
     credentials: ("user", "password") to demand Basic proxy authentication (407 without it or with others).
@@ -146,26 +148,6 @@ class ConnectProxy:
         bound_host, bound_port = self._server.server_address[:2]
         self.address = f"{bound_host}:{bound_port}"
         self.url = f"http://{self.address}"
-
-    def start(self) -> ConnectProxy:
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._server.server_close()
-
-    def __enter__(self) -> ConnectProxy:
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
     @property
     def connects(self) -> list[Connect]:
