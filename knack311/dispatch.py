@@ -2,8 +2,9 @@
 
 `SendLoop` runs in the main thread. It checks and renders each record as its page arrives (`_plan`), hands the
 records `schedule.Scheduler` frees to a pool of workers (each runs `delivery.RecordSender` for one record), and
-owns the counts, the holds, the stop rules (an outage, the journal, the time budget, a signal, the daily Knack
-budget) and each record's failure history. The workers only deliver and hand back a `delivery.Result`. Messages
+decides when to read the next page and when no new record may start (the time budget, a signal, the daily Knack
+budget, or a stop rule of `tally.Tally`, which keeps the counts, the holds and each record's failure history). The
+workers only deliver and hand back a `delivery.Result`. Messages
 left in doubt by an earlier run go first and alone (in_doubt.py).
 """
 
@@ -17,23 +18,22 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from .admission import order_key, value_problem
-from .delivery import ESBTrouble, Outcome, Prior, RecordSender, Result, when
+from .delivery import Outcome, Prior, RecordSender, Result
 from .errors import OutageError, RecordError
 from .fields import activity_from_record, format_value
 from .in_doubt import Doubt
 from .intake import CLEAN, Intake
-from .journal import SENDING, Journal, JournalError
-from .knack import READY_TO_SEND, SENT, KnackClient, KnackNotSent
+from .journal import Journal, JournalError
+from .knack import READY_TO_SEND, KnackClient, KnackNotSent
 from .limiter import ESBGate
 from .listing import Listing
 from .message import Activity
-from .outcomes import ERROR, FAILED, HELD, WARNING, Summary
-from .schedule import Held, HeldReason, ScheduledRecord, Scheduler
+from .outcomes import ERROR, WARNING, Summary
+from .schedule import ScheduledRecord, Scheduler
 from .settings import Settings
 from .stopping import POLL, Stop
+from .tally import Tally
 
-ESB_OUTAGE_AFTER = 3    # records in a row that could not reach the ESB (or got no answer): stop, do not wait out each
-KNACK_OUTAGE_AFTER = 3  # status updates in a row that failed: Knack is down
 WRAP_UP = 1.0  # seconds kept, after a stop signal, for the summary and the journal's run row
 
 
@@ -92,9 +92,8 @@ class SendLoop:
         self.field_types = field_types
         self.tz = tz
         self.esb_gate = esb_gate
-        self.unmarked: list[tuple[Activity, Result]] = []
-        self.unreachable_streak = self.no_answer_streak = self.knack_down_streak = 0
         self.doubt = Doubt(settings.esb_timeout)
+        self.tally = Tally(summary, journal, run_id, emit, stop, sender, self.doubt)
 
     def run(self, listing: Listing, planned: Callable[[int], None] = lambda total: None,
             waiting: Callable[[], int | None] | None = None) -> None:
@@ -103,8 +102,8 @@ class SendLoop:
         self._listing, self._planned, self._waiting = listing, planned, waiting
         scheduler = Scheduler()
         self._leave(self._deliver(scheduler))
-        self._retry_unmarked()
-        self._tell_doubt()
+        self.tally.retry_unmarked()
+        self.tally.tell_doubt()
 
     def use_formatting(self, field_types: dict[str, str], tz: ZoneInfo) -> None:
         """The field types and the app's zone records are read with, from fresh metadata (run.py hands them over
@@ -218,7 +217,7 @@ class SendLoop:
         if problem:
             sr = activity.sr_number if activity is not None else (
                 _field_text(record, app.fields["sr_number"], self.field_types, self.tz) or "")
-            self._fail(problem, record_id, sr, activity)
+            self.tally.fail(problem, record_id, sr, activity)
             scheduler.add(record_id, sr, key, failed=True)
             return
         assert activity is not None
@@ -229,7 +228,7 @@ class SendLoop:
         try:
             body = self.sender.render(activity)
         except RecordError as exc:
-            self._fail(str(exc), record_id, activity.sr_number, activity)
+            self.tally.fail(str(exc), record_id, activity.sr_number, activity)
             scheduler.add(record_id, activity.sr_number, key, failed=True)
             return
         try:
@@ -237,7 +236,7 @@ class SendLoop:
         except JournalError:
             prior = Prior.NEW  # nothing starts: the loop stops on journal.failure
         if prior is Prior.PARKED:  # a person decides; it holds its SR's later activities meanwhile
-            self._fail(parked, record_id, activity.sr_number, activity)
+            self.tally.fail(parked, record_id, activity.sr_number, activity)
             scheduler.add(record_id, activity.sr_number, key, failed=True)
             return
         planned = _Planned(activity, body is not None, position, body if self.settings.dry_run else None,
@@ -261,7 +260,7 @@ class SendLoop:
                     for record in scheduler.ready():
                         heapq.heappush(startable, (not record.payload.in_doubt, self._chain(scheduler, record),
                                                    record.order_key, record.payload.position, record))
-                    self._held(scheduler.take_held())
+                    self.tally.held(scheduler.take_held())
                     while startable and self._next_may_go(startable[0][-1], in_flight):
                         record = heapq.heappop(startable)[-1]
                         in_flight[pool.submit(self._one, record.payload)] = record
@@ -291,7 +290,7 @@ class SendLoop:
                     if result.outcome is Outcome.NOT_STARTED:
                         not_started += 1
                     else:
-                        self._count(record.payload.activity, result)
+                        self.tally.count(record.payload.activity, result)
         finally:
             # after a stop signal, the workers' calls end within the stop grace (stopping.Stop.call) on their own
             pool.shutdown(wait=not abandoned, cancel_futures=True)
@@ -387,114 +386,6 @@ class SendLoop:
         for record in records:
             self.emit("abandoned", "still in flight when the run had to end: the journal tells the next run "
                       "whether to send it again", level=WARNING, record=record.payload.activity)
-
-    def _held(self, held: list[Held]) -> None:
-        for item in held:
-            activity = item.record.payload.activity
-            self.summary.held += 1
-            self.summary.held_ids.append(activity.record_id)
-            reason = item.reason.value if item.reason is HeldReason.AFTER_FAILURE else (
-                "a later activity of this service request was already sent in this run")
-            self.emit(HELD, f"{reason}; kept for a later run to keep 311's order", level=WARNING, record=activity)
-
-    def _count(self, activity: Activity, result: Result) -> None:
-        summary = self.summary
-        if result.outcome is Outcome.SENT:
-            summary.sent += 1
-            self._clear_failure(activity.record_id)
-        elif result.outcome is Outcome.DO_NOT_SEND:
-            summary.do_not_send += 1
-            self._clear_failure(activity.record_id)
-        elif result.outcome is Outcome.RENDERED:
-            summary.rendered += 1
-        elif result.outcome is Outcome.UNMARKED:
-            self.unmarked.append((activity, result))
-            self.emit("unmarked", f"{result.reason}; will retry before the run ends", level=WARNING, record=activity)
-        else:
-            self._fail(result.reason, activity.record_id, activity.sr_number, activity)
-        self.doubt.answered(result.answered_in)
-
-        # Each streak counts what its stop line says: "cannot be reached" only failures where the request never
-        # reached the ESB, "not answering" only those whose outcome is unknown.
-        self.unreachable_streak = self.unreachable_streak + 1 if result.esb is ESBTrouble.UNREACHABLE else 0
-        self.no_answer_streak = self.no_answer_streak + 1 if result.esb is ESBTrouble.NO_ANSWER else 0
-        self.knack_down_streak = self.knack_down_streak + 1 if result.outcome is Outcome.UNMARKED else 0
-        if self.stop.stopped or summary.stop_reason:
-            return
-        if self.journal is not None and self.journal.failure:
-            summary.stop_reason = self.journal.failure
-        elif result.esb_lasting:
-            summary.stop_reason = "the ESB cannot be reached"
-        elif self.unreachable_streak >= ESB_OUTAGE_AFTER:
-            summary.stop_reason = f"the ESB cannot be reached ({self.unreachable_streak} records in a row)"
-        elif result.parked or self.no_answer_streak >= ESB_OUTAGE_AFTER:
-            # while a message posted again goes unanswered, nothing new starts either
-            summary.stop_reason = self.doubt.not_answering(parked=result.parked, in_a_row=self.no_answer_streak)
-        elif self.knack_down_streak >= KNACK_OUTAGE_AFTER:
-            summary.stop_reason = f"Knack status updates keep failing ({self.knack_down_streak} in a row)"
-
-    def _tell_doubt(self) -> None:
-        """Once the run's POSTs are over: the stop line of an ESB not answering counts what the journal holds in
-        doubt, and answers that came after ESB_TIMEOUT get their one WARNING."""
-        warning = self.doubt.warning()
-        if warning:
-            self.emit("esb_slow", warning, level=WARNING)
-        if self.doubt.silence and self.journal is not None:
-            try:
-                in_doubt = self.journal.counts().get(SENDING, 0)
-            except JournalError:
-                return  # the stop line keeps its cause; --report tells what is in doubt
-            self.summary.stop_reason = self.doubt.stop_line(self.summary.stop_reason, in_doubt)
-
-    def _retry_unmarked(self) -> None:
-        """One more try for the status updates that failed: the ESB has these messages, so they are not resent.
-
-        Not after a signal, past the budget or with Knack down: the journal lets the next run do it.
-        """
-        retry_now = self.stop.work_time_left() and self.knack_down_streak < KNACK_OUTAGE_AFTER
-        for activity, result in self.unmarked:
-            if retry_now:
-                result = self.sender.mark(activity, result.status)
-            if result.outcome is Outcome.SENT:
-                self.summary.sent += 1
-                self._clear_failure(activity.record_id)
-            elif result.outcome is Outcome.DO_NOT_SEND:
-                self.summary.do_not_send += 1
-                self._clear_failure(activity.record_id)
-            else:
-                if result.status != SENT:
-                    left_for = "the next run retries"
-                elif self.journal is not None and self.journal.failure:
-                    left_for = ("the ESB has the message but the journal could not record it: the next run "
-                                "sends it again")
-                else:
-                    left_for = "the next run sets it without resending"
-                self._fail(f"{result.reason}; {left_for}", activity.record_id, activity.sr_number, activity)
-
-    def _fail(self, reason: str, record_id: str, sr: str, activity: Activity | None = None) -> None:
-        self.summary.failed += 1
-        self.summary.failed_ids.append(record_id)
-        history = ""
-        if self.journal is not None and self.run_id is not None and not self.journal.failure:
-            try:
-                failure = self.journal.record_failure(record_id, sr, reason, self.run_id,
-                                                      activity.atd_activity_id if activity is not None else "")
-            except JournalError:
-                pass  # the loop stops on journal.failure
-            else:
-                if failure.runs > 1:
-                    history = f" (failing since {when(failure.first_failed)}, in {failure.runs} runs)"
-        if activity is not None:
-            self.emit(FAILED, f"{reason}{history}", level=ERROR, record=activity)
-        else:
-            self.emit(FAILED, f"{reason}{history}", level=ERROR, record_id=record_id, sr_number=sr)
-
-    def _clear_failure(self, record_id: str) -> None:
-        if self.journal is not None and not self.journal.failure:
-            try:
-                self.journal.clear_failure(record_id)
-            except JournalError:
-                pass  # the loop stops on journal.failure
 
 
 def _field_text(record: dict, key: str, field_types: dict[str, str], tz: ZoneInfo) -> str | None:
