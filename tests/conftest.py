@@ -112,6 +112,12 @@ def bridge_env(knack, esb, pki, tmp_path):
     }
 
 
+@pytest.fixture
+def state_dir(bridge_env) -> Path:
+    """Where the run under test keeps its journal, lock and metadata cache."""
+    return Path(bridge_env["STATE_DIR"])
+
+
 def _command(app: str, args) -> list[str]:
     return [sys.executable, str(ENTRY), app, *args]
 

@@ -50,11 +50,6 @@ def bridge_env(bridge_env):
     return {**bridge_env, "KNACK_MAX_RPS": "50"}
 
 
-@pytest.fixture
-def state_dir(bridge_env) -> Path:
-    return Path(bridge_env["STATE_DIR"])
-
-
 # ----- helpers -------------------------------------------------------------------------------------------------
 
 def backlog(seed, rng: random.Random, srs: int, per_sr: int) -> dict[str, list[dict]]:

@@ -30,11 +30,6 @@ def bridge_env(bridge_env):
     return {**bridge_env, "KNACK_MAX_RPS": "50"}
 
 
-@pytest.fixture
-def state_dir(bridge_env) -> Path:
-    return Path(bridge_env["STATE_DIR"])
-
-
 def summary(stdout: str) -> str:
     lines = SUMMARY.findall(stdout)
     assert len(lines) == 1, f"expected one summary line, got {lines!r}\n{stdout}"

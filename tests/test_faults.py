@@ -161,11 +161,6 @@ def bridge(bridge_env, tmp_path):
     b.close()
 
 
-@pytest.fixture
-def state_dir(bridge_env) -> Path:
-    return Path(bridge_env["STATE_DIR"])
-
-
 # ----- secrets never printed (every run of every test) ----------------------------------------------------------
 
 def secret_markers(pki) -> list[str]:

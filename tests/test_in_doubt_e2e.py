@@ -21,11 +21,6 @@ TIMEOUT, ANSWER_AFTER = 1.0, 1.4
 SLOW = {"ESB_TIMEOUT": f"{TIMEOUT:g}"}
 
 
-@pytest.fixture
-def state_dir(bridge_env) -> Path:
-    return Path(bridge_env["STATE_DIR"])
-
-
 def journal(state_dir: Path) -> dict[str, tuple[str, int]]:
     """record id -> (state, posts)."""
     db = sqlite3.connect(str(state_dir / f"{APP}.journal.sqlite3"))

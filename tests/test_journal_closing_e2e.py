@@ -36,11 +36,6 @@ def bridge_env(bridge_env):
     return {**bridge_env, "KNACK_MAX_RPS": "50"}
 
 
-@pytest.fixture
-def state_dir(bridge_env) -> Path:
-    return Path(bridge_env["STATE_DIR"])
-
-
 def left_unfinished(state_dir: Path, state: str, records: list[dict], **columns) -> None:
     """The journal as a run killed after the POST (`sending`), after the ESB's answer (`delivered`) or a parking
     (`parked`) leaves each record's entry."""

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from pathlib import Path
-
-import pytest
 
 from tests.test_run_failures import (
     JOURNAL_NAME,
@@ -20,11 +17,6 @@ from tests.test_run_failures import (
 # Only what --report needs: the app name (argument) and STATE_DIR. Everything else is unset.
 WITHOUT_REMOTE_SETTINGS = {name: None for name in ("KNACK_APP_ID", "KNACK_API_KEY", "KNACK_API_URL", "ESB_ENDPOINT",
                                                    "ESB_CERT", "ESB_KEY", "ESB_CA_BUNDLE", "ESB_TIMEOUT")}
-
-
-@pytest.fixture
-def state_dir(bridge_env) -> Path:
-    return Path(bridge_env["STATE_DIR"])
 
 
 def report(run_bridge, knack, esb, *args: str, env: dict | None = None):

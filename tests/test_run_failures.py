@@ -51,11 +51,6 @@ def bridge_env(bridge_env):
     return {**bridge_env, "KNACK_MAX_RPS": "50"}
 
 
-@pytest.fixture
-def state_dir(bridge_env) -> Path:
-    return Path(bridge_env["STATE_DIR"])
-
-
 # ----- reading outcomes -------------------------------------------------------------------------------------------
 
 def summary(output: str) -> str:
