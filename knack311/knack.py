@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import socket
 import ssl
 import threading
@@ -275,7 +276,9 @@ class KnackClient:
         retries.log = self._log
         retries.address = self._address
         retries.pacer = self._pacer
-        adapter = HTTPAdapter(max_retries=retries)
+        # the pacer may start a second's worth of requests at once, and a page read may run beside them: a pool
+        # smaller than that would open and throw away connections (and urllib3 would warn on stderr each time)
+        adapter = HTTPAdapter(max_retries=retries, pool_maxsize=max(10, math.ceil(self._pacer.max_rps) + 4))
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
 

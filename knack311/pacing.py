@@ -6,7 +6,11 @@ answers 429 beyond, and ignores the app for the rest of that second. Every plan 
 both states: X-RateLimit-Limit/Remaining/Reset (this second) and X-PlanLimit-Limit/Remaining/Reset (today).
 
 The pacer
-- spaces request starts at most KNACK_MAX_RPS a second (DEFAULT_MAX_RPS below);
+- starts at most KNACK_MAX_RPS requests a second (DEFAULT_MAX_RPS below), counted the way Knack counts them:
+  per second, not per tenth of one. At a rate r it lets ceil(r) requests start in any ceil(r)/r seconds (at 9.5:
+  10 in any 1.053 s), so after a quiet spell (the run waiting for ESB answers) a second's worth starts at once
+  instead of a tenth of a second apart: Knack's second is used, not lost, and no second ever holds more. While
+  other clients use the app's second, it spaces its requests 1/r apart instead;
 - learns from X-RateLimit-* how much of the second other clients of the app use, and slows down to leave it;
 - after a 429 starts nothing until the reset (Knack ignores the rest of that second anyway);
 - keeps the daily budget: `may_start_record` says no once a record would leave fewer calls than the reserve
@@ -116,7 +120,8 @@ class Pacer:
         self._clock = clock
         self._wall = wall_clock
         self._lock = threading.Lock()
-        self._next_start = -math.inf
+        # the slots handed out lately, ascending: a slot is at least a window after the one `burst` places back
+        self._slots: deque[float] = deque(maxlen=max(1, math.ceil(max_rps)))
         self._gate_until = -math.inf          # no start before this (after a 429)
         self._seq = 0
         self._in_flight = 0
@@ -144,11 +149,11 @@ class Pacer:
             with self._lock:
                 self._refuse_if_plan_spent()
                 now = self._clock()
-                start = max(now, self._next_start, self._gate_until)
+                start = max(now, self._gate_until, self._window_opens(self._rate(now)))
                 delay = start - now
                 if self._remaining_time is not None and delay > self._remaining_time():
                     raise DeadlineReached(f"the next Knack request slot is {delay:.1f}s away, after the deadline")
-                self._next_start = start + 1.0 / self._rate(now)
+                self._slots.append(start)
                 gate = self._gate_until
                 if delay <= 0:
                     return self._start(now)
@@ -218,6 +223,17 @@ class Pacer:
         while self._starts and self._starts[0] < now - RATE_WINDOW - OTHERS_MEMORY:
             self._starts.popleft()
         return Ticket(self._seq, now)
+
+    def _window_opens(self, rate: float) -> float:
+        """The earliest slot the rate allows: `burst` = ceil(rate) starts in any burst/rate seconds (never before
+        a slot already handed out, so the slots stay in order). While other clients use the app's second, one at
+        a time, 1/rate apart: a burst would take the second's room from their requests, which Knack then refuses,
+        and would hide from Knack's count what they use."""
+        slots = self._slots
+        burst = 1 if self._others else max(1, math.ceil(rate - 1e-9))
+        if len(slots) < burst:
+            return slots[-1] if slots else -math.inf
+        return max(slots[-1], slots[-burst] + burst / rate)
 
     def _rate(self, now: float) -> float:
         while self._others and self._others[0][0] < now - OTHERS_MEMORY:

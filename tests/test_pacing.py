@@ -1,8 +1,9 @@
-"""The Knack pacer with a fake clock: request spacing, other clients, 429s, the daily budget, stop and deadline."""
+"""The Knack pacer with a fake clock: its pace per second, other clients, 429s, the daily budget, stop and deadline."""
 
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 
@@ -74,16 +75,35 @@ def plan_headers(remaining: int, limit: int = 10_000, reset: str = "") -> dict[s
 # ----- spacing -----
 
 
-def test_requests_start_at_most_max_rps_apart():
+def test_a_quiet_pacer_lets_a_seconds_worth_start_at_once_and_no_more():
     pacer, clock, _ = make(10.0)
 
     starts = []
-    for _ in range(5):
+    for _ in range(25):
+        pacer.before_request()
+        starts.append(round(clock.now - 1000.0, 6))
+
+    assert starts == [0.0] * 10 + [1.0] * 10 + [2.0] * 5
+    assert pacer.requests == 25
+
+
+def test_at_the_default_rate_no_second_holds_more_than_knacks_ten_whatever_the_gaps():
+    pacer, clock, _ = make()
+    gaps = random.Random(12)
+    starts = []
+    for _ in range(300):
         pacer.before_request()
         starts.append(clock.now)
+        if gaps.random() < 0.2:
+            clock.now += gaps.choice([0.01, 0.1, 0.3, 0.7, 1.5])  # a quiet spell: waiting for ESB answers
 
-    assert [round(b - a, 6) for a, b in zip(starts, starts[1:], strict=False)] == [0.1] * 4
-    assert pacer.requests == 5
+    # Knack counts a second; an arrival up to 50 ms late must not put an eleventh request into anyone's second
+    assert min(later - earlier for earlier, later in zip(starts, starts[10:], strict=False)) >= 1.05
+    # and without gaps the pace is the rate: ten starts per 10/9.5 s
+    pacer, clock, _ = make()
+    for _ in range(100):
+        pacer.before_request()
+    assert clock.now - 1000.0 == pytest.approx(9 * 10 / DEFAULT_MAX_RPS)
 
 
 def test_time_spent_elsewhere_counts_toward_the_spacing():
@@ -118,13 +138,19 @@ def test_other_clients_using_the_second_slow_the_pacer_down_and_it_recovers():
     slowed = pacer.current_rps
     assert slowed == pytest.approx((10 - 4) * DEFAULT_MAX_RPS / 10)
 
-    pacer.before_request()  # its slot was set at the old rate
-    before = clock.now
-    pacer.before_request()
-    assert clock.now - before == pytest.approx(1 / slowed)  # the slot after it is further away
+    # while others use the second, one at a time, 1/rate apart (a burst would take their room)
+    starts = []
+    for _ in range(4):
+        pacer.before_request()
+        starts.append(clock.now)
+    assert [b - a for a, b in zip(starts, starts[1:], strict=False)] == pytest.approx([1 / slowed] * 3)
 
     clock.now += 3.0  # the others are gone: nothing new says otherwise
     assert pacer.current_rps == pytest.approx(DEFAULT_MAX_RPS)
+    before = clock.now
+    for _ in range(10):
+        pacer.before_request()
+    assert clock.now == before  # and a quiet second may be used at once again
 
 
 @pytest.mark.parametrize("others", [0, 4, 10], ids=["alone", "others-use-4", "others-use-the-second"])
@@ -184,16 +210,16 @@ def test_a_429_while_a_thread_waits_for_its_slot_pushes_that_slot_back():
     class AnswerArrivesWhileWaiting(FakeStop):
         def wait(self, seconds):
             if not self.waits:  # another thread's request is answered 429 during this first wait
-                pacer_box["pacer"].after_answer(429, rate_headers(0, reset_in=0.6), pacer_box["ticket"])
+                pacer_box["pacer"].after_answer(429, rate_headers(0, reset_in=1.5), pacer_box["ticket"])
             return super().wait(seconds)
 
     stop = AnswerArrivesWhileWaiting(clock)
-    pacer = Pacer(10.0, stop=stop, clock=clock.monotonic, wall_clock=clock.wall)
+    pacer = Pacer(1.0, stop=stop, clock=clock.monotonic, wall_clock=clock.wall)
     pacer_box.update(pacer=pacer, ticket=pacer.before_request())
 
     pacer.before_request()
 
-    assert clock.wall() >= EPOCH + 0.6 - 1e-9  # not at the first slot (0.1), after the reset
+    assert clock.wall() == pytest.approx(EPOCH + 2.0)  # not at its slot (EPOCH + 1), after the reset
 
 
 # ----- stop and deadline -----
@@ -222,22 +248,22 @@ def test_no_wait_runs_past_the_deadline():
 
 def test_a_threading_event_is_a_stop_too():
     stop = threading.Event()
-    pacer = Pacer(2.0, stop=stop)
+    pacer = Pacer(0.5, stop=stop)
     pacer.before_request()
     threading.Timer(0.05, stop.set).start()
 
     with pytest.raises(StopRequested):
-        pacer.before_request()  # would otherwise wait half a second
+        pacer.before_request()  # would otherwise wait two seconds
 
 
 @pytest.mark.timing
-def test_threads_share_one_spacing():
-    pacer = Pacer(200.0)
+def test_threads_share_one_pace():
+    pacer = Pacer(20.0)
     starts = []
     lock = threading.Lock()
 
     def worker():
-        for _ in range(5):
+        for _ in range(6):
             ticket = pacer.before_request()
             with lock:
                 starts.append(ticket.started)
@@ -249,14 +275,14 @@ def test_threads_share_one_spacing():
     for thread in threads:
         thread.join()
 
-    # The pacer hands out slots 1/200 s apart and never starts a request before its slot, but a thread can wake
-    # late from its wait and start next to the following slot's request: gaps between neighbours say nothing.
-    # What holds whatever the scheduler does: the k-th start is at least k slots after the first (which never
-    # waits), so no window ever holds more starts than the rate allows.
+    # The pacer lets 20 start in any second and never starts a request before its slot, but a thread can wake
+    # late from its wait: what holds whatever the scheduler does is that the k-th start is at least k // 20
+    # seconds after the first (which never waits), so no second ever holds more than 20.
     starts.sort()
-    assert len(starts) == 40
+    assert len(starts) == 48
     first = starts[0]
-    assert all(started - first >= k / 200 - 1e-9 for k, started in enumerate(starts))
+    assert all(started - first >= k // 20 - 1e-9 for k, started in enumerate(starts))
+    assert starts[-1] - first >= 2.0 - 1e-9
 
 
 # ----- the daily budget -----
@@ -359,11 +385,11 @@ def test_answers_without_headers_change_nothing():
 
 @pytest.mark.timing
 def test_real_clock_default_stop_sleeps():
-    pacer = Pacer(20.0)
+    pacer = Pacer(5.0)
     started = time.monotonic()
-    pacer.before_request()
-    pacer.before_request()
-    assert time.monotonic() - started >= 0.04  # two slots 1/20 s apart: the second waited (sleep never ends early)
+    for _ in range(6):
+        pacer.before_request()
+    assert time.monotonic() - started >= 1.0  # five a second: the sixth waited (sleep never ends early)
 
 
 # ----- with the Knack simulator (real HTTP, real clock) -----
