@@ -6,17 +6,23 @@ a time and queue the rest. A fixed number of POSTs in flight is either too few f
 unused) or a queue at a busy one (load for no gain). So the limit follows the answers, the way TCP Vegas and
 Netflix's concurrency-limits (Vegas, Gradient2, AIMD) do:
 
-- it starts at 2 and, while answers come back without queueing and the limit is what holds the POSTs back
-  (throughput can still rise), grows fourfold per round trip (slow start: a slow ESB needs 30 POSTs in flight
-  to use Knack's pace, and every round trip spent below that is seconds of Knack's 10/s lost); after the first
-  sign of a queue it grows by a fifth of a POST per round trip, so that a probe beyond what the ESB can take
-  is brief and rare;
+- it starts at 20 (the initial limit of Netflix's limiters; TCP's first window is 10 segments), never more than
+  Knack's pacer lets start in two seconds (20 at 9.5 a second): an ESB answering in 1.5 s needs about 16 POSTs
+  in flight to keep Knack's second busy, and each round trip spent below that costs the run seconds of it;
+- while answers come back without queueing, the limit is what holds the POSTs back (throughput can still rise)
+  and a round trip brings answers for at least half the limit, it grows fourfold per round trip (slow start: an
+  ESB answering in 3 s needs 30 POSTs in flight to use Knack's pace); an ESB that answers fewer per round trip
+  cannot be working on all of them at once, so it does not grow then;
+- after the first sign of a queue it grows by a fifth of a POST per round trip, so that a probe beyond what the
+  ESB can take is brief and rare, and half as often after each probe that finds the queue where the last one did;
 - queueing shows as latency above the lowest seen lately: by Little's law, `in flight x (1 - min / latency)`
   of the POSTs were waiting, and the limit drops by that many (one decision per round trip, judged on a POST
   that started under the present limit);
 - a 5xx, a dropped connection or an ESB that cannot be reached cut it by a quarter;
-- a timeout drops it to 1 until an answer comes back within ESB_TIMEOUT: while the ESB answers after the run
-  gave up, every POST in flight is a message in doubt;
+- a timeout, or an answer that came only after ESB_TIMEOUT (a re-post's longer wait), drops it to 1 until an
+  answer comes back within ESB_TIMEOUT: while the ESB answers after the run gives up, every POST in flight is a
+  message in doubt. So only a run that follows a healthy one starts at 20: one that finds messages in doubt
+  re-posts them first, and if their answers come late, new records go one at a time;
 - Knack's pacer is the ceiling: a record costs one Knack status update, so beyond `rate x latency` POSTs in
   flight (Little's law again; plus a little headroom for jitter) more parallel POSTs only wait in the pacer;
 - never above ESB_MAX_IN_FLIGHT.
@@ -34,7 +40,8 @@ from dataclasses import dataclass
 
 from .stopping import POLL, Stop
 
-INITIAL_LIMIT = 2
+INITIAL_LIMIT = 20
+INITIAL_SECONDS = 2  # ... and at most what Knack's pacer lets start in this many seconds (KNACK_MAX_RPS=2: 4)
 # Queueing at the ESB, in POSTs waiting (Little's law on one answer): at or above QUEUE_HIGH the limit drops by
 # the queue; below QUEUE_LOW it may grow. Between the two it holds: timing noise of a few percent at a dozen
 # POSTs in flight is below one waiting message, so it moves nothing.
@@ -45,9 +52,16 @@ QUEUE_HIGH_SHARE = 0.10
 QUEUE_LOW_SHARE = 0.05
 # Slow start: each answer without queueing adds this many POSTs, so the limit grows (1 + step)-fold per round trip.
 SLOW_START_STEP = 3.0
+# ... but only while a round trip (the lowest latency) brings at least this share of the limit in answers: an ESB
+# that answers fewer cannot be working on all of them at once, and the rest wait in its queue (their answers,
+# later, would say so; growing meanwhile would only make the queue longer)
+SLOW_START_DELIVERED = 0.5
 # Growth per round trip once slow start is over: a fifth of a POST, so that against an ESB that is at its
 # capacity one round in five or so probes one message beyond it (and that message waits in its queue).
 GROWTH = 0.2
+# ... halved by each probe that finds the queue again at the same size (an ESB at its capacity is probed ever more
+# rarely: every 5, 10, 20, then 40 round trips), and back to GROWTH once a larger limit went without a queue
+GROWTH_MIN = GROWTH / 8
 BACKOFF = 0.75        # after a 5xx, a dropped connection or an unreachable ESB
 # How long the lowest latency counts as "the ESB without a queue": long enough to span many round trips, short
 # enough that an ESB that became slower for good is learnt as such within a run, not taken for a queue forever.
@@ -97,13 +111,18 @@ class ConcurrencyLimit:
         self._timeout = timeout
         self._clock = clock
         self._on_change = on_change
+        if rate_ceiling is not None:
+            initial = min(initial, INITIAL_SECONDS * max(1, math.ceil(rate_ceiling - 1e-9)))
         self._limit = float(min(initial, maximum) if adaptive else maximum)
         self._slow_start_until = float(maximum)
         self._timed_out = False
         self._saturated = False        # the limit held a POST back since the last decision
+        self._growth = GROWTH          # per round trip, after slow start
+        self._queued_at = math.inf     # the limit under which the ESB last queued
         self._decisions = 0
         self._lows: deque[tuple[float, float]] = deque()  # (when, latency), latencies ascending: a window minimum
         self._recent: float | None = None
+        self._answers: deque[float] = deque()  # when recent answers in time came
         self._round: list[tuple[int, float]] = []  # (in flight, latency) of each answer of the present round
         self._in_flight = 0
         self.low = self.high = self.limit
@@ -138,19 +157,21 @@ class ConcurrencyLimit:
         if not self.adaptive:
             # a fixed number (--workers N) too goes one at a time after a timeout, until an answer comes in time:
             # a slow ESB must not be handed more messages to leave in doubt
-            if outcome is Outcome.TIMEOUT and self._limit > 1:
-                self._decide(1.0, "timeout")
+            late = outcome is Outcome.ANSWERED and self._late(latency)
+            if (outcome is Outcome.TIMEOUT or late) and self._limit > 1:
+                self._decide(1.0, "timeout" if not late else "answer after ESB_TIMEOUT")
             elif (outcome is Outcome.ANSWERED and self._limit < self.maximum
                   and (self._timeout is None or latency < self._timeout)):
                 self._decide(float(self.maximum), "answer in time after a timeout")
             return
         now = self._clock()
         fresh = ticket.round == self._decisions  # it started under the present limit: its answer judges it
-        if outcome is Outcome.TIMEOUT:
+        late = outcome is Outcome.ANSWERED and self._late(latency)
+        if outcome is Outcome.TIMEOUT or (late and not self._timed_out):
             if not self._timed_out:
                 self._slow_start_until = max(2.0, self._limit / 2)
                 self._timed_out = True
-            self._decide(1.0, "timeout")
+            self._decide(1.0, "timeout" if not late else "answer after ESB_TIMEOUT")
         elif outcome is not Outcome.ANSWERED:
             if fresh:
                 self._slow_start_until = max(1.0, self._limit * BACKOFF)
@@ -158,8 +179,11 @@ class ConcurrencyLimit:
         else:
             self._answered(ticket, latency, now, fresh)
 
+    def _late(self, latency: float) -> bool:
+        return self._timeout is not None and latency >= self._timeout
+
     def _answered(self, ticket: Ticket, latency: float, now: float, fresh: bool) -> None:
-        in_time = self._timeout is None or latency < self._timeout
+        in_time = not self._late(latency)
         if in_time:
             self._observe(latency, now)
         if self._timed_out:
@@ -183,7 +207,7 @@ class ConcurrencyLimit:
             # the ESB began to queue with this POST: back to what it took without a queue
             self._decide(min(self._limit - 1, ticket.in_flight - 1),
                          f"queueing at the ESB ({latency:.2f}s against {self._lows[0][1]:.2f}s)")
-        elif self._saturated:
+        elif self._saturated and len(self._answers) >= SLOW_START_DELIVERED * self.limit:
             self._decide(min(self._limit + SLOW_START_STEP, self._slow_start_until),
                          "answers without queueing")
 
@@ -200,10 +224,15 @@ class ConcurrencyLimit:
         queued = in_flight * self._waited(latency)
         if queued >= max(QUEUE_HIGH, QUEUE_HIGH_SHARE * in_flight):
             self._slow_start_until = 0.0  # the ESB's capacity is near: grow slowly from now on
+            if self.limit >= self._queued_at:  # the queue again where it was last found: probe less often
+                self._growth = max(GROWTH_MIN, self._growth / 2)
+            self._queued_at = self.limit
             self._decide(min(self._limit - 1, in_flight - queued),
                          f"queueing at the ESB (about {queued:.1f} of {in_flight:.1f} POSTs waited)")
         elif queued < max(QUEUE_LOW, QUEUE_LOW_SHARE * in_flight) and self._saturated:
-            self._decide(self._limit + GROWTH, "answers without queueing")
+            if self.limit > self._queued_at:  # beyond where the queue was: the ESB can take more now
+                self._growth, self._queued_at = GROWTH, math.inf
+            self._decide(self._limit + self._growth, "answers without queueing")
         else:
             self._decide(self._limit, "")
 
@@ -219,6 +248,10 @@ class ConcurrencyLimit:
         lows.append((now, latency))
         while lows[0][0] < now - MIN_LATENCY_WINDOW:
             lows.popleft()
+        answers = self._answers
+        answers.append(now)
+        while answers[0] < now - lows[0][1]:
+            answers.popleft()
         self._recent = latency if self._recent is None else \
             self._recent + LATENCY_SMOOTHING * (latency - self._recent)
 

@@ -592,8 +592,8 @@ def connect_counter(tmp_path):
 
 
 def test_esb_down_stops_the_run_early_and_marks_nothing(bridge, knack, esb, seed, connect_counter):
-    # 40: the default workers try 8 records at once (3 connects each) before the outage stop can follow
-    seeded = [seed(sr_number=f"24-{n:08d}")[0] for n in range(40)]
+    # 80: the first round is 20 records at once (3 connects each) before the outage stop can follow
+    seeded = [seed(sr_number=f"24-{n:08d}")[0] for n in range(80)]
     esb.stop()  # connection refused from now on
     port = int(esb.url.split(":")[2].split("/")[0])
     env, connects = connect_counter
@@ -606,7 +606,7 @@ def test_esb_down_stops_the_run_early_and_marks_nothing(bridge, knack, esb, seed
 
 
 def test_esb_dropping_every_connection_stops_the_run_early(bridge, knack, esb, seed):
-    seeded = [seed(sr_number=f"24-{n:08d}")[0] for n in range(20)]
+    seeded = [seed(sr_number=f"24-{n:08d}")[0] for n in range(50)]  # more than the first round of 20
     esb.inject(drop=True, count=1000)
     result = bridge()
     assert result.returncode == 1, result.output

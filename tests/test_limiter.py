@@ -4,6 +4,7 @@ The gate's threads are checked at the end with real threads but no timing assert
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -40,33 +41,39 @@ def round_trip(limit: ConcurrencyLimit, clock: FakeClock, latency: float) -> Non
 
 # --- one answer at a time ------------------------------------------------------------------------------------------
 
-def test_starts_small_and_a_fixed_limit_moves_only_for_timeouts():
+def test_starts_at_two_seconds_of_knacks_pace_and_a_fixed_limit_moves_only_for_late_answers():
     clock = FakeClock()
-    assert adaptive(clock).limit == INITIAL_LIMIT == 2
+    assert adaptive(clock).limit == 2 * math.ceil(KNACK_RATE) == 20  # what the pacer lets start in two seconds
+    assert adaptive(clock, rate_ceiling=None).limit == INITIAL_LIMIT == 20
+    assert adaptive(clock, rate_ceiling=2.0).limit == 4  # KNACK_MAX_RPS=2: more could only wait in the pacer
+    assert adaptive(clock, rate_ceiling=0.3).limit == 2
+    assert adaptive(clock, maximum=8).limit == 8
     fixed = ConcurrencyLimit(8, adaptive=False, clock=clock, timeout=5.0)
     for outcome in Outcome:
         if outcome is not Outcome.TIMEOUT:
-            answer(fixed, clock, 40.0, outcome)  # slow answers and errors leave a fixed number alone
+            answer(fixed, clock, 4.0, outcome)  # slow answers in time and errors leave a fixed number alone
     assert (fixed.limit, fixed.low, fixed.high) == (8, 8, 8)
     answer(fixed, clock, 5.0, Outcome.TIMEOUT)  # ... but after a timeout it goes one at a time
     assert fixed.limit == 1
     answer(fixed, clock, 1.0, Outcome.ANSWERED)  # until an answer comes in time
     assert (fixed.limit, fixed.low, fixed.high) == (8, 1, 8)
+    answer(fixed, clock, 12.0, Outcome.ANSWERED)  # an answer after ESB_TIMEOUT (a re-post's wait) is like one
+    assert fixed.limit == 1
 
 
 def test_the_gate_holds_posts_at_the_limit():
     clock = FakeClock()
     limit = adaptive(clock)
     tickets = [limit.start() for _ in range(limit.limit)]
-    assert not limit.may_start() and limit.in_flight == 2
+    assert not limit.may_start() and limit.in_flight == 20
     limit.finish(tickets[0], 0.0, Outcome.STOPPED)  # a POST cut short by the stop tells nothing about the ESB
-    assert limit.may_start() and limit.limit == 2
+    assert limit.may_start() and limit.limit == 20
 
 
 def test_a_timeout_drops_to_one_until_an_answer_comes_in_time():
     clock = FakeClock()
     changes: list[tuple[int, int, str]] = []
-    limit = adaptive(clock, timeout=5.0, on_change=lambda old, new, why: changes.append((old, new, why)))
+    limit = adaptive(clock, timeout=5.0, initial=2, on_change=lambda old, new, why: changes.append((old, new, why)))
     answer(limit, clock, 0.5)
     assert limit.limit == 2  # one POST at a time does not use the limit: no reason to raise it
     for _ in range(3):  # the limit is used and the answers are fast: it grows
@@ -87,6 +94,20 @@ def test_a_timeout_drops_to_one_until_an_answer_comes_in_time():
         round_trip(limit, clock, 0.5)
     assert 1 < limit.limit <= grown
     assert (limit.low, limit.high) == (1, max(grown, limit.high))
+
+
+def test_an_answer_after_esb_timeout_drops_to_one_like_a_timeout():
+    clock = FakeClock()
+    changes: list[tuple[int, int, str]] = []
+    limit = adaptive(clock, timeout=5.0, on_change=lambda old, new, why: changes.append((old, new, why)))
+    answer(limit, clock, 7.0)  # a re-post, waiting 3 x ESB_TIMEOUT, was answered after 7 s
+    assert limit.limit == 1 and changes == [(20, 1, "answer after ESB_TIMEOUT")]
+    answer(limit, clock, 7.5)
+    assert limit.limit == 1
+    answer(limit, clock, 0.5)  # in time again: it grows from one
+    for _ in range(3):
+        round_trip(limit, clock, 0.5)
+    assert limit.limit > 4
 
 
 @pytest.mark.parametrize("outcome", [Outcome.SERVER_ERROR, Outcome.DROPPED, Outcome.UNREACHABLE])
@@ -155,7 +176,7 @@ def test_at_1_5_seconds_about_15_and_well_under_32():
     clock = FakeClock()
     limit = adaptive(clock)
     Model(limit, clock, latency=1.5).run(1000)
-    assert 14 <= limit.limit <= 17 and limit.high <= 17
+    assert 14 <= limit.limit <= 17 and limit.high <= 20  # 20: where it started
 
 
 def test_holds_near_the_capacity_of_an_esb_that_queues():
@@ -166,7 +187,7 @@ def test_holds_near_the_capacity_of_an_esb_that_queues():
     measured = Model(limit, clock, latency=1.0, capacity=4).run(300)
     assert measured.per_second >= 0.9 * 4 / 1.0
     assert measured.wait_p90() <= 0.3
-    assert limit.high <= 12 and limit.limit <= 5
+    assert limit.high <= 20 and limit.limit <= 5  # 20: where it started
 
 
 @pytest.mark.parametrize("latency", LATENCIES)
@@ -179,8 +200,35 @@ def test_after_slow_start_holds_near_the_capacity_whatever_the_latency(latency):
     measured = model.run(int(300 / latency))
     capacity = min(4 / latency, KNACK_RATE)  # at 0.2 s Knack's pace is the bottleneck, not the ESB
     assert measured.per_second >= 0.9 * capacity
+    # four answers per round trip are too few for 20 in flight to be worked on at once: no growth beyond the start
+    assert limit.high == 20
     settled = [wait for at, wait in zip(model.posted_at, measured.queue_waits, strict=True) if at > 10 * latency]
     assert sorted(settled)[int(0.9 * len(settled))] <= 0.3 * latency
+
+
+def test_an_esb_at_its_capacity_is_probed_ever_more_rarely_and_more_capacity_is_found():
+    clock = FakeClock()
+    limit = adaptive(clock)
+    model = Model(limit, clock, latency=1.0, capacity=4)
+    more_at = 300.0  # then the ESB gets four more workers
+
+    def more_workers():
+        model.capacity = 8
+        model._servers_free_at.extend([more_at] * 4)
+
+    model._at(more_at, more_workers)
+    measured = model.run(2000)
+    before = [(at, n) for at, n in measured.limits if 5.0 < at < more_at]
+    probes = [at for (_, low), (at, high) in zip(before, before[1:], strict=False) if high > low]
+    # at a fifth of a POST per round trip a probe would come every 5-10 s; halved after each that found the
+    # queue again, they come ever further apart
+    assert 3 <= len(probes) <= 12, probes
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert gaps == sorted(gaps) and gaps[-1] >= 3 * gaps[0], gaps
+    waited = [wait for at, wait in zip(model.posted_at, measured.queue_waits, strict=True) if 20.0 < at < more_at]
+    assert sum(1 for wait in waited if wait > 0.3) <= 0.05 * len(waited)
+    assert limit.limit >= 7  # the new workers were found (and used: the rest of the backlog went at about 8/s)
+    assert max(n for at, n in measured.limits if at > more_at) >= 7
 
 
 def test_a_fixed_eight_queues_at_that_esb():
@@ -196,9 +244,10 @@ def test_an_esb_answering_after_the_timeout_gets_one_post_at_a_time_until_it_rec
     limit = adaptive(clock, timeout=5.0)
     slow_until = 60.0
     measured = Model(limit, clock, latency=lambda now: 7.0 if now < slow_until else 1.0, timeout=5.0).run(300)
-    assert measured.in_flight_at_timeouts[:2] == [2, 1]  # the first two, started together
-    assert max(measured.in_flight_at_timeouts[2:]) == 1  # then one at a time
-    assert measured.timeouts <= 2 + slow_until / 5.0
+    first = limit.high  # the first round, started together, all time out
+    assert measured.in_flight_at_timeouts[:first] == list(range(first, 0, -1))
+    assert max(measured.in_flight_at_timeouts[first:]) == 1  # then one at a time
+    assert measured.timeouts <= first + slow_until / 5.0
     assert limit.low == 1
     assert limit.limit >= 4  # recovered once the ESB answered in time again (and still growing)
     assert measured.done == 300 - measured.timeouts
