@@ -12,7 +12,8 @@ Netflix's concurrency-limits (Vegas, Gradient2, AIMD) do:
 - while answers come back without queueing, the limit is what holds the POSTs back (throughput can still rise)
   and a round trip brings answers for at least half the limit, it grows fourfold per round trip (slow start: an
   ESB answering in 3 s needs 30 POSTs in flight to use Knack's pace); an ESB that answers fewer per round trip
-  cannot be working on all of them at once, so it does not grow then;
+  cannot be working on all of them at once, so it does not grow then, and the slot of such an answer is not
+  filled again (the limit drops by one) until the answers show it is;
 - after the first sign of a queue it grows by a fifth of a POST per round trip, so that a probe beyond what the
   ESB can take is brief and rare, and half as often after each probe that finds the queue where the last one did;
 - queueing shows as latency above the lowest seen lately: by Little's law, `in flight x (1 - min / latency)`
@@ -204,12 +205,18 @@ class ConcurrencyLimit:
         waiting = ticket.in_flight * self._waited(latency)
         if waiting >= max(QUEUE_HIGH, QUEUE_HIGH_SHARE * ticket.in_flight):
             self._slow_start_until = 0.0
-            # the ESB began to queue with this POST: back to what it took without a queue
-            self._decide(min(self._limit - 1, ticket.in_flight - 1),
+            # the ESB began to queue with this POST: back to what it took without a queue, and to no more than
+            # it answered in the last round trip (POSTs that started together queue in any order)
+            self._decide(min(self._limit - 1, ticket.in_flight - 1, len(self._answers)),
                          f"queueing at the ESB ({latency:.2f}s against {self._lows[0][1]:.2f}s)")
         elif self._saturated and len(self._answers) >= SLOW_START_DELIVERED * self.limit:
             self._decide(min(self._limit + SLOW_START_STEP, self._slow_start_until),
                          "answers without queueing")
+        elif self._saturated:
+            # too few answers yet for the limit: this one's slot stays empty until a round trip shows the ESB
+            # working on enough at once (if it is not, the rest of the round waits in its queue, and a POST sent
+            # now would wait behind them)
+            self._decide(self._limit - 1, "too few answers per round trip yet")
 
     def _judge_round(self, ticket: Ticket, latency: float) -> None:
         # A round: as many answers as the limit allows POSTs, each started under the present limit. One answer
