@@ -32,9 +32,9 @@ from typing import Protocol
 
 KNACK_RATE_LIMIT = 10       # requests per second per app, on every plan
 # 9.5 a second: a record costs one Knack call (its status update), so the rate is the bridge's throughput, and
-# 9.5 keeps it within 5% of Knack's ceiling. It is still under it with room for timing noise: evenly spaced
-# starts put at most 10 requests in any one-second window as long as the network shifts an arrival by less
-# than 50 ms; the X-RateLimit headers and the 429 handling cover the rest. (The old default, 8, gave up 20%.)
+# 9.5 keeps it within 5% of Knack's ceiling. It is still under it with room for timing noise: at most 10 starts
+# in any 1.053 s put at most 10 requests into any one-second window as long as the network shifts an arrival by
+# less than 50 ms; the X-RateLimit headers and the 429 handling cover the rest. (The old default, 8, gave up 20%.)
 DEFAULT_MAX_RPS = 9.5
 HEADROOM = DEFAULT_MAX_RPS / KNACK_RATE_LIMIT  # the share of the free per-second budget the bridge takes
 MIN_RPS = 1.0               # even when others seem to use the whole second (Knack's 429s then slow us further);

@@ -3,8 +3,8 @@
 Workers take records; each record's POST waits for a slot of the limit, goes to a model ESB (a fixed latency,
 or `capacity` messages served at once for `latency` each and the rest waiting in a FIFO queue, as
 simulators/esb.py's capacity mode), then its Knack status update waits for the pacer (evenly spaced starts at
-`rate` a second) and takes `knack_latency`. A POST whose answer would come after `timeout` ends as a timeout
-(the ESB still works on it).
+`rate` a second: the real pacer also lets a quiet second's worth start at once, so it is never slower) and takes
+`knack_latency`. A POST whose answer would come after `timeout` ends as a timeout (the ESB still works on it).
 """
 
 from __future__ import annotations

@@ -479,7 +479,7 @@ def test_default_pacing_stays_under_knacks_limit(bridge, knack, esb, seed):
     assert result.returncode == 0, result.output
     assert statuses(knack) == {r["id"]: "SENT" for r in seeded}
     assert set(esb.copies().values()) == {1} and len(esb.copies()) == 30
-    # Evenly spaced starts at 9.5/s keep Knack's count for any second at 10 or less while arrivals shift by under
+    # Ten starts in any 1.053 s (9.5/s) keep Knack's count for any second at 10 or less while arrivals shift by under
     # 50 ms; on a loaded machine a request can reach the simulator later than that and share a second with the
     # next one. One such 429 is the machine's noise (the pacer then waits out the second); a pacer faster than
     # Knack's limit draws one in nearly every second of this 3-second run.
