@@ -155,19 +155,18 @@ class ConcurrencyLimit:
         self._in_flight -= 1
         if outcome is Outcome.STOPPED:
             return
+        # an answer after ESB_TIMEOUT (a re-post's longer wait, a trickle) says what a timeout says
+        late = outcome is Outcome.ANSWERED and self._timeout is not None and latency >= self._timeout
         if not self.adaptive:
             # a fixed number (--workers N) too goes one at a time after a timeout, until an answer comes in time:
             # a slow ESB must not be handed more messages to leave in doubt
-            late = outcome is Outcome.ANSWERED and self._late(latency)
             if (outcome is Outcome.TIMEOUT or late) and self._limit > 1:
                 self._decide(1.0, "timeout" if not late else "answer after ESB_TIMEOUT")
-            elif (outcome is Outcome.ANSWERED and self._limit < self.maximum
-                  and (self._timeout is None or latency < self._timeout)):
+            elif outcome is Outcome.ANSWERED and not late and self._limit < self.maximum:
                 self._decide(float(self.maximum), "answer in time after a timeout")
             return
         now = self._clock()
         fresh = ticket.round == self._decisions  # it started under the present limit: its answer judges it
-        late = outcome is Outcome.ANSWERED and self._late(latency)
         if outcome is Outcome.TIMEOUT or (late and not self._timed_out):
             if not self._timed_out:
                 self._slow_start_until = max(2.0, self._limit / 2)
@@ -177,22 +176,16 @@ class ConcurrencyLimit:
             if fresh:
                 self._slow_start_until = max(1.0, self._limit * BACKOFF)
                 self._decide(self._slow_start_until, outcome.value)
-        else:
+        elif not late:
             self._answered(ticket, latency, now, fresh)
-
-    def _late(self, latency: float) -> bool:
-        return self._timeout is not None and latency >= self._timeout
+        # (a late answer while already one at a time changes nothing)
 
     def _answered(self, ticket: Ticket, latency: float, now: float, fresh: bool) -> None:
-        in_time = not self._late(latency)
-        if in_time:
-            self._observe(latency, now)
+        """An answer within ESB_TIMEOUT."""
+        self._observe(latency, now)
         if self._timed_out:
-            if in_time:
-                self._timed_out = False  # the ESB answers in time again: grow from 1 (slow start)
-                self._decide(1.0, "answer in time after a timeout")
-            return
-        if not in_time:
+            self._timed_out = False  # the ESB answers in time again: grow from 1 (slow start)
+            self._decide(1.0, "answer in time after a timeout")
             return
         if self._limit < self._slow_start_until:
             self._slow_start(ticket, latency)
